@@ -1,0 +1,27 @@
+"""sumto: learnable PyTorch weights that satisfy sum constraints by construction.
+
+Constraint classes (``AffineSum``, ``Simplex``, ``BoxSum``) are parametrizations for
+:mod:`torch.nn.utils.parametrize`; the lowercase helpers (``sum_to``, ``simplex``,
+``box_sum``) register them on a module's tensor and return the module. Pure tensor
+maps live in :mod:`sumto.functional`.
+"""
+
+from sumto import functional
+from sumto._version import __version__
+from sumto.constraints import AffineSum, BoxSum, Constraint, Simplex
+from sumto.register import bake, box_sum, check, constrain, simplex, sum_to
+
+__all__ = [
+    "AffineSum",
+    "BoxSum",
+    "Constraint",
+    "Simplex",
+    "__version__",
+    "bake",
+    "box_sum",
+    "check",
+    "constrain",
+    "functional",
+    "simplex",
+    "sum_to",
+]

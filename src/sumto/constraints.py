@@ -1,0 +1,434 @@
+"""Constraint classes: one ``nn.Module`` parametrization per constrained set.
+
+Each class holds configuration only; the maths lives in :mod:`sumto.functional`.
+They plug into :func:`torch.nn.utils.parametrize.register_parametrization`, but the
+helpers in :mod:`sumto.register` (``sum_to``, ``simplex``, ``box_sum``) are the
+recommended entry point: they validate the tensor, initialise it exactly and make
+plain checkpoints loadable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from sumto import functional as F
+from sumto.functional import Dim, Total
+
+__all__ = ["AffineSum", "BoxSum", "Constraint", "Simplex"]
+
+SimplexMethod = Literal["softmax", "sparsemax", "relu"]
+_SIMPLEX_METHODS = ("softmax", "sparsemax", "relu")
+# Note [relu fusion eps]: the additive constant of the BiFPN fast normalised fusion.
+RELU_EPS = 1e-4
+
+
+def default_dims(ndim: int) -> tuple[int, ...]:
+    """One sum per output unit: dims 1..ndim-1 for 2+ dims, dim 0 for 1-D (and 0-D) tensors."""
+    return tuple(range(1, ndim)) if ndim >= 2 else (0,)
+
+
+def _accumulate_dtype(x: Tensor) -> torch.dtype:
+    """Dtype used to *check* membership: float64 where the device supports it."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+class Constraint(nn.Module):
+    """Base class of sumto constraints (use it for ``isinstance`` checks).
+
+    A constraint maps unconstrained tensors onto its set (``forward``), inverts that
+    map on the set (``right_inverse``), projects onto the set (``project``) and
+    measures how far a tensor is from it (``violation``). Subclasses implement
+    ``forward``, ``project``, ``violation``, ``_inverse`` and ``_bind_shape``.
+
+    Args:
+        dim: Dim or tuple of dims each constraint slice spans; ``None`` means one
+            slice per output unit (dims ``1..ndim-1``, or dim 0 for 1-D tensors).
+    """
+
+    def __init__(self, dim: Dim | None = None) -> None:
+        super().__init__()
+        self.dim: tuple[int, ...] | None = None if dim is None else F._check_dim_spec(dim)
+        # Shape and dtype of the constrained tensor, recorded by the register helpers
+        # so that assignments of a wrong shape fail instead of breaking later.
+        self._shape: tuple[int, ...] | None = None
+        self._dtype: torch.dtype | None = None
+
+    # -- dims ---------------------------------------------------------------
+    def dims(self, ndim: int) -> tuple[int, ...]:
+        """The normalised dims constrained for a tensor with ``ndim`` dims.
+
+        Raises:
+            IndexError: If a configured dim is out of range for ``ndim``.
+        """
+        if self.dim is None:
+            return default_dims(ndim)
+        return F._normalize_dims(self.dim, ndim)
+
+    # -- interface for subclasses -------------------------------------------
+    def project(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Euclidean projection of ``x`` onto the set."""
+        raise NotImplementedError
+
+    def violation(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Largest deviation of ``x`` from the set (0-d tensor, 0 on the set)."""
+        raise NotImplementedError
+
+    def _inverse(self, value: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Pre-weights whose ``forward`` is ``value`` (``value`` is on the set)."""
+        raise NotImplementedError
+
+    def _magnitude(self, x: Tensor) -> Tensor:
+        """Largest slice magnitude sum|x| + |total|, the scale of rounding errors."""
+        dims = self.dims(x.ndim)
+        xa = x.detach().to(_accumulate_dtype(x)).abs()
+        mag = xa.sum(dims, keepdim=True) if x.ndim > 0 else xa
+        total = self._total_value(xa, dims)
+        mag = mag + (total.abs() if isinstance(total, Tensor) else abs(total))
+        return mag.amax()
+
+    def _total_value(self, like: Tensor, dims: tuple[int, ...]) -> Tensor | float:
+        return 0.0
+
+    def _bind_shape(self, shape: tuple[int, ...]) -> None:
+        """Validate the configuration against a tensor shape (IndexError/ValueError)."""
+        self.dims(len(shape))
+
+    # -- shared machinery ---------------------------------------------------
+    def tolerance(self, x: Tensor) -> float:
+        """Violation accepted as rounding error for ``x``'s dtype and magnitude.
+
+        ``(4 + log2(n)) * eps(dtype) * max over slices of (sum|x| + |total|)``, the size
+        of the rounding error of a pairwise sum of ``n`` entries.
+        """
+        dims = self.dims(x.ndim)
+        n = F._reduced_size(x.shape, dims)
+        eps = torch.finfo(x.dtype).eps
+        return float((4.0 + math.log2(max(n, 1))) * eps * self._magnitude(x))
+
+    def _bind(self, tensor: Tensor) -> None:
+        """Record and validate the shape and dtype of the tensor being constrained."""
+        F._check_float_tensor(tensor, "the constrained tensor")
+        shape = tuple(tensor.shape)
+        if len(shape) > 0 and F._reduced_size(shape, self.dims(len(shape))) == 0:
+            raise ValueError(
+                f"expected at least one element in each constrained slice, got shape {shape}"
+            )
+        self._bind_shape(shape)
+        self._shape = shape
+        self._dtype = tensor.dtype
+
+    def check_member(self, value: Tensor, what: str = "value") -> None:
+        """Raise ValueError unless ``value`` has the bound shape and lies on the set.
+
+        Args:
+            value: Tensor to check.
+            what: How to name ``value`` in the error message.
+
+        Raises:
+            TypeError: If ``value`` is not a floating point tensor.
+            ValueError: If the shape differs from the constrained tensor's, the
+                value is not finite, or it violates the constraint beyond
+                :meth:`tolerance`.
+        """
+        F._check_float_tensor(value, what)
+        if self._shape is not None and tuple(value.shape) != self._shape:
+            raise ValueError(
+                f"expected {what} of shape {self._shape}, got shape {tuple(value.shape)}"
+            )
+        if value.numel() > 0 and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"expected a finite {what}, got non-finite entries")
+        v = float(self.violation(value.detach()))
+        tol = self.tolerance(value)
+        if not v <= tol:
+            raise ValueError(
+                f"expected {what} to satisfy {self.__class__.__name__}({self.extra_repr()}) "
+                f"within tolerance {tol:.3g}, got a violation of {v:.3g}"
+            )
+
+    def right_inverse(self, value: Tensor, what: str = "value") -> Tensor:
+        """Pre-weights whose constrained value is ``value``; ValueError if off the set."""
+        self.check_member(value, what)
+        if self._dtype is not None:
+            value = value.to(self._dtype)
+        return self._inverse(value)
+
+
+class _TotalMixin(Constraint):
+    """Holds ``total`` (a float, or a buffer for per-slice tensors)."""
+
+    total: Tensor | float
+
+    def __init__(self, total: Total, dim: Dim | None) -> None:
+        super().__init__(dim)
+        if isinstance(total, Tensor):
+            F._check_total(total, tuple(total.shape), ())  # finiteness and dtype only
+            t = total.detach().clone()
+            if not t.dtype.is_floating_point:
+                t = t.to(torch.get_default_dtype())
+            self.register_buffer("total", t)
+        else:
+            F._check_total(total, (), ())
+            self.total = float(total)
+
+    def _total_value(self, like: Tensor, dims: tuple[int, ...]) -> Tensor | float:
+        if isinstance(self.total, Tensor):
+            return F._total_like(self.total, like, dims)
+        return self.total
+
+    def _bind_shape(self, shape: tuple[int, ...]) -> None:
+        dims = self.dims(len(shape))
+        if isinstance(self.total, Tensor):
+            F._broadcast_total_shape(tuple(self.total.shape), shape, dims)
+
+    def _sum_violation(self, x: Tensor) -> Tensor:
+        dims = self.dims(x.ndim)
+        xc = x.to(F._compute_dtype(x.dtype))
+        return F._sum_violation(xc, self._total_value(xc, dims), dims)
+
+    def _total_repr(self) -> str:
+        if isinstance(self.total, Tensor):
+            return f"total=Tensor(shape={tuple(self.total.shape)})"
+        return f"total={self.total:g}"
+
+    def extra_repr(self) -> str:
+        return f"{self._total_repr()}, dim={self.dim}"
+
+
+class AffineSum(_TotalMixin):
+    r"""Affine sum constraint: entries of any sign whose sum over ``dim`` is ``total``.
+
+    .. math::
+        \mathcal{C} = \{ w : \textstyle\sum_{i \in \text{dim}} w_i = c \}
+
+    ``forward`` is the Euclidean projection :math:`w = x - \bar{x} + c / n`, so it is
+    the identity on the set (``right_inverse`` is the identity too) and never divides
+    by a sum. Batched over the dims not in ``dim`` (one sum per slice).
+
+    Args:
+        total: Target sum ``c``: a float, or a tensor with one target per slice
+            (broadcastable to the keepdim-reduced shape).
+        dim: Dims of each sum; ``None`` means one sum per output unit.
+
+    Raises:
+        TypeError: If ``total`` or ``dim`` has the wrong type.
+        ValueError: If ``total`` is not finite or ``dim`` repeats.
+
+    Example:
+        >>> import torch
+        >>> from sumto import AffineSum
+        >>> c = AffineSum(total=1.0)
+        >>> w = c(torch.zeros(2, 3))
+        >>> w
+        tensor([[0.3333, 0.3333, 0.3333],
+                [0.3333, 0.3333, 0.3333]])
+        >>> float(c.violation(w)) < 1e-6
+        True
+    """
+
+    def __init__(self, total: Total = 1.0, dim: Dim | None = None) -> None:
+        super().__init__(total, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Euclidean projection onto the set: ``x + (total - sum(x)) / n``."""
+        dims = self.dims(x.ndim)
+        compute = F._compute_dtype(x.dtype)
+        xc = x.to(compute)
+        return F._project_sum(xc, self._total_value(xc, dims), dims).to(x.dtype)
+
+    def violation(self, x: Tensor) -> Tensor:
+        """``max |sum(x) - total|`` over slices, a 0-d tensor."""
+        return self._sum_violation(x)
+
+    def _inverse(self, value: Tensor) -> Tensor:
+        return value
+
+
+class Simplex(_TotalMixin):
+    r"""Simplex constraint: non-negative entries whose sum over ``dim`` is ``total``.
+
+    .. math::
+        \mathcal{C} = \{ w : w_i \ge 0,\ \textstyle\sum_{i \in \text{dim}} w_i = c \},
+        \qquad c > 0
+
+    Three maps from unconstrained pre-weights ``x``, all batched over the dims not in
+    ``dim``:
+
+    * ``"softmax"``: :math:`w = c\,\mathrm{softmax}(x / T)`. Smooth, never exactly
+      zero; it saturates (zero gradient) for large logit gaps. Entries set to 0 are
+      initialised at ``eps(dtype) * c`` (pre-weight ``T log eps``).
+    * ``"sparsemax"``: :math:`w = P_{\mathcal{C}}(x / T)`, the Euclidean projection,
+      with exact zeros; gradients vanish outside the support.
+    * ``"relu"``: BiFPN fast normalised fusion,
+      :math:`w = c\,(\mathrm{relu}(x) + \epsilon / n) / (\sum_j \mathrm{relu}(x_j) + \epsilon)`
+      with :math:`\epsilon = 10^{-4}`. BiFPN's ``relu(x) / (eps + sum relu(x))`` sums to
+      ``S / (S + eps) < 1``; spreading the eps mass evenly makes the sum exact, at
+      the cost of pulling entries towards ``c / n`` by a relative ``eps / (S + eps)``.
+      When every pre-weight is <= 0 the weights are uniform (never NaN), and
+      their gradient is zero.
+
+    Args:
+        total: Target sum ``c > 0``: a float or a per-slice tensor.
+        dim: Dims of each sum; ``None`` means one sum per output unit.
+        method: ``"softmax"``, ``"sparsemax"`` or ``"relu"``.
+        temperature: ``T > 0`` dividing the pre-weights (softmax and sparsemax).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``total <= 0``, ``temperature <= 0``, ``method`` is unknown or
+            ``dim`` repeats.
+
+    Example:
+        >>> import torch
+        >>> from sumto import Simplex
+        >>> Simplex(method="sparsemax")(torch.tensor([2.0, 0.5, -1.0]))
+        tensor([1., 0., 0.])
+        >>> Simplex()(torch.zeros(4))
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+
+    def __init__(
+        self,
+        total: Total = 1.0,
+        dim: Dim | None = None,
+        method: SimplexMethod = "softmax",
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(total, dim)
+        F._check_positive(self.total, "total")
+        if method not in _SIMPLEX_METHODS:
+            raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise ValueError(f"expected a finite temperature > 0, got {temperature!r}")
+        self.method: SimplexMethod = method
+        self.temperature = float(temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = self.dims(x.ndim)
+        total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
+        if self.method == "sparsemax":
+            scaled = x / self.temperature if self.temperature != 1.0 else x
+            return F._apply_rows(scaled, total, dims, F._project_simplex_rows)
+        if self.method == "softmax":
+            return F._apply_rows(x, total, dims, _softmax_rows, self.temperature)
+        return F._apply_rows(x, total, dims, _relu_rows)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Euclidean projection onto the simplex (exact zeros), whatever the method."""
+        dims = self.dims(x.ndim)
+        total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
+        return F._apply_rows(x, total, dims, F._project_simplex_rows)
+
+    def violation(self, x: Tensor) -> Tensor:
+        """Largest of ``max |sum(x) - total|`` and ``max(-x)`` (0 on the set)."""
+        negative = (-x.to(F._compute_dtype(x.dtype))).amax().clamp_min(0.0)
+        return torch.maximum(self._sum_violation(x), negative)
+
+    def _inverse(self, value: Tensor) -> Tensor:
+        dims = self.dims(value.ndim)
+        compute = F._compute_dtype(value.dtype)
+        v = value.to(compute).clamp_min(0.0)
+        total = self._total_value(v, dims)
+        if self.method == "sparsemax":
+            return (v * self.temperature).to(value.dtype)
+        p = v / total
+        if self.method == "softmax":
+            floor = torch.finfo(value.dtype).eps
+            return (self.temperature * p.clamp_min(floor).log()).to(value.dtype)
+        # relu: choose pre-weights with sum relu(x) = 1 + O(eps): x = p (1 + eps) - eps / n.
+        n = F._reduced_size(value.shape, dims)
+        return (p * (1.0 + RELU_EPS) - RELU_EPS / n).clamp_min(0.0).to(value.dtype)
+
+    def extra_repr(self) -> str:
+        s = f"{self._total_repr()}, dim={self.dim}, method={self.method!r}"
+        return s + (f", temperature={self.temperature:g}" if self.temperature != 1.0 else "")
+
+
+def _softmax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Tensor:
+    scaled = rows / temperature if temperature != 1.0 else rows
+    return torch.softmax(scaled, dim=-1) * total
+
+
+def _relu_rows(rows: Tensor, total: Tensor | float) -> Tensor:
+    n = rows.shape[-1]
+    r = torch.relu(rows)
+    return (r + RELU_EPS / n) * (total / (r.sum(-1, keepdim=True) + RELU_EPS))
+
+
+class BoxSum(_TotalMixin):
+    r"""Box-bounded sum: ``lower <= w_i <= upper`` and the sum over ``dim`` is ``total``.
+
+    .. math::
+        \mathcal{C} = \{ w : l \le w_i \le u,\ \textstyle\sum_{i \in \text{dim}} w_i = c \}
+
+    ``forward`` is the Euclidean projection :math:`\operatorname{clamp}(x - \tau, l, u)`,
+    so it is the identity on the set; entries on a bound get zero gradient.
+    Batched over the dims not in ``dim``.
+
+    Args:
+        total: Target sum ``c``: a float or a per-slice tensor.
+        dim: Dims of each sum; ``None`` means one sum per output unit.
+        lower: Lower bound ``l`` (may be ``-inf``).
+        upper: Upper bound ``u`` (may be ``inf``).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If a bound is NaN or ``lower > upper``; at registration, if
+            ``n * lower > total`` or ``n * upper < total``.
+
+    Example:
+        >>> import torch
+        >>> from sumto import BoxSum
+        >>> BoxSum(total=1.0, lower=-0.5, upper=0.8)(torch.tensor([3.0, 0.0, 0.0]))
+        tensor([0.8000, 0.1000, 0.1000])
+    """
+
+    def __init__(
+        self,
+        total: Total = 1.0,
+        dim: Dim | None = None,
+        lower: float = -math.inf,
+        upper: float = math.inf,
+    ) -> None:
+        super().__init__(total, dim)
+        F._check_bounds(lower, upper)
+        self.lower = float(lower)
+        self.upper = float(upper)
+
+    def _bind_shape(self, shape: tuple[int, ...]) -> None:
+        super()._bind_shape(shape)
+        n = F._reduced_size(shape, self.dims(len(shape)))
+        F._check_box(self.total, n, self.lower, self.upper)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Euclidean projection onto the box-bounded sum set."""
+        dims = self.dims(x.ndim)
+        total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
+        return F._apply_rows(x, total, dims, F._project_box_rows, self.lower, self.upper)
+
+    def violation(self, x: Tensor) -> Tensor:
+        """Largest of ``max |sum(x) - total|``, ``max(lower - x)`` and ``max(x - upper)``."""
+        xc = x.to(F._compute_dtype(x.dtype))
+        below = (self.lower - xc).amax().clamp_min(0.0)
+        above = (xc - self.upper).amax().clamp_min(0.0)
+        return torch.maximum(self._sum_violation(x), torch.maximum(below, above))
+
+    def _inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lower={self.lower:g}, upper={self.upper:g}"

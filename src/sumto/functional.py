@@ -1,0 +1,535 @@
+"""Pure tensor maps and Euclidean projections onto sum-constrained sets.
+
+Every function here is a pure, differentiable map on tensors. The constraint
+classes in :mod:`sumto.constraints` only hold configuration and call these.
+
+Conventions shared by all functions:
+
+* ``dim`` is an ``int`` or a tuple of ints; the constraint holds for every slice
+  obtained by fixing the other dims ("batched over the other dims").
+* ``total`` is a float, or a tensor broadcastable to the keepdim-reduced shape
+  (``x.sum(dim, keepdim=True).shape``) or equal to the reduced shape, giving one
+  target per slice.
+* The output has the dtype of ``x``; float16 and bfloat16 inputs are computed in
+  float32 internally.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "project_box_sum",
+    "project_simplex",
+    "project_sum",
+    "sum_violation",
+]
+
+Dim = int | Sequence[int]
+Total = float | int | Tensor
+
+
+# ---------------------------------------------------------------------------
+# validation helpers (run once per public call, or once at registration)
+# ---------------------------------------------------------------------------
+
+
+def _check_dim_spec(dim: Dim) -> tuple[int, ...]:
+    """Validate the *form* of ``dim`` (ints, no repeats) without knowing ndim."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, Sequence)):
+        raise TypeError(f"expected dim to be an int or a tuple of ints, got {dim!r}")
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if len(dims) == 0:
+        raise ValueError("expected dim to name at least one dimension, got an empty tuple")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"expected dim to be an int or a tuple of ints, got {dim!r}")
+    return dims
+
+
+def _normalize_dims(dim: Dim, ndim: int) -> tuple[int, ...]:
+    """Return sorted non-negative dims; IndexError when out of range, ValueError on repeats."""
+    dims = _check_dim_spec(dim)
+    rank = max(ndim, 1)
+    out = []
+    for d in dims:
+        if not -rank <= d < rank:
+            raise IndexError(
+                f"expected dim in range [{-rank}, {rank - 1}] for a tensor with {ndim} dims, got {d}"
+            )
+        out.append(d % rank)
+    if len(set(out)) != len(out):
+        raise ValueError(f"expected distinct dims, got repeated dims in {dim!r}")
+    return tuple(sorted(out))
+
+
+def _check_float_tensor(x: Tensor, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"expected {name} to be a floating point tensor, got dtype {x.dtype}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: half precision inputs are computed in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reduced_size(shape: Sequence[int], dims: tuple[int, ...]) -> int:
+    return math.prod(shape[d] for d in dims) if len(shape) > 0 else 1
+
+
+def _keep_shape(shape: Sequence[int], dims: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in dims else s for i, s in enumerate(shape))
+
+
+def _check_total(total: Total, shape: Sequence[int], dims: tuple[int, ...]) -> None:
+    """Validate a total against the tensor's shape (ValueError/TypeError).
+
+    This may synchronise with the device for tensor totals: it is meant for
+    registration and for the public functional API, not for a constraint's forward.
+    """
+    if isinstance(total, Tensor):
+        if not total.dtype.is_floating_point and total.dtype not in (
+            torch.int8,
+            torch.int16,
+            torch.int32,
+            torch.int64,
+            torch.uint8,
+        ):
+            raise TypeError(f"expected total to be a real tensor, got dtype {total.dtype}")
+        _broadcast_total_shape(tuple(total.shape), shape, dims)
+        if total.numel() > 0 and not bool(torch.isfinite(total).all()):
+            raise ValueError(
+                f"expected a finite total, got a tensor with non-finite values {total}"
+            )
+    else:
+        if isinstance(total, bool) or not isinstance(total, (int, float)):
+            raise TypeError(f"expected total to be a float or a tensor, got {type(total).__name__}")
+        if not math.isfinite(total):
+            raise ValueError(f"expected a finite total, got {total}")
+
+
+def _broadcast_total_shape(
+    total_shape: tuple[int, ...], shape: Sequence[int], dims: tuple[int, ...]
+) -> tuple[int, ...]:
+    """Return the keepdim shape a tensor total is viewed as, or raise ValueError."""
+    keep = _keep_shape(shape, dims)
+    try:
+        if torch.broadcast_shapes(total_shape, keep) == keep:  # type: ignore[no-untyped-call]
+            return total_shape
+    except RuntimeError:
+        pass
+    reduced = tuple(s for i, s in enumerate(shape) if i not in dims)
+    if total_shape == reduced:
+        return keep
+    raise ValueError(
+        f"expected total to be broadcastable to the keepdim-reduced shape {keep} "
+        f"(or to have the reduced shape {reduced}), got shape {total_shape}"
+    )
+
+
+def _total_like(total: Total, x: Tensor, dims: tuple[int, ...]) -> Tensor | float:
+    """Bring a total to x's device and compute dtype, viewed as the keepdim shape."""
+    if not isinstance(total, Tensor):
+        return float(total)
+    view_shape = _broadcast_total_shape(tuple(total.shape), x.shape, dims)
+    return total.to(device=x.device, dtype=x.dtype).reshape(view_shape)
+
+
+def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
+    _check_float_tensor(x)
+    dims = _normalize_dims(dim, x.ndim)
+    if x.ndim > 0 and _reduced_size(x.shape, dims) == 0:
+        raise ValueError(
+            f"expected at least one element along dim {dim!r} to distribute a total over, "
+            f"got a tensor of shape {tuple(x.shape)}"
+        )
+    _check_total(total, x.shape, dims)
+    return dims
+
+
+# ---------------------------------------------------------------------------
+# layout helpers: bring the constrained dims to the end as one flat dim
+# ---------------------------------------------------------------------------
+
+
+def _to_rows(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """View/copy ``x`` as ``(*other_dims, n)`` with the constrained dims flattened last."""
+    if x.ndim == 0:
+        return x.reshape(1)
+    k = len(dims)
+    moved = x.movedim(dims, tuple(range(x.ndim - k, x.ndim)))
+    return moved.flatten(x.ndim - k) if k > 1 else moved
+
+
+def _from_rows(y: Tensor, x_shape: Sequence[int], dims: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`_to_rows`."""
+    if len(x_shape) == 0:
+        return y.reshape(())
+    k = len(dims)
+    ndim = len(x_shape)
+    other = [s for i, s in enumerate(x_shape) if i not in dims]
+    moved_shape = [*other, *(x_shape[d] for d in dims)]
+    return y.reshape(moved_shape).movedim(tuple(range(ndim - k, ndim)), dims)
+
+
+def _total_rows(total: Tensor | float, x: Tensor, dims: tuple[int, ...]) -> Tensor | float:
+    """Total (keepdim shape) laid out like :func:`_to_rows` output, last dim of size 1."""
+    if not isinstance(total, Tensor):
+        return total
+    if x.ndim == 0:
+        return total.reshape(1)
+    keep = _keep_shape(x.shape, dims)
+    return _to_rows(total.expand(keep), dims)
+
+
+# ---------------------------------------------------------------------------
+# core maps (no validation, no host synchronisation)
+# ---------------------------------------------------------------------------
+
+
+def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
+    n = _reduced_size(x.shape, dims)
+    if x.ndim == 0:
+        return torch.zeros_like(x) + total
+    return x + (total - x.sum(dims, keepdim=True)) / n
+
+
+def _simplex_threshold_sort(rows: Tensor, total: Tensor | float) -> Tensor:
+    """Support mask of the simplex projection of each row, by sorting (Duchi et al. 2008).
+
+    ``rows`` has shape ``(..., n)`` and is already shifted so that its max is 0.
+    Returns a boolean mask of the support (entries strictly above the threshold).
+    """
+    n = rows.shape[-1]
+    u, _ = torch.sort(rows, dim=-1, descending=True)
+    css = u.cumsum(-1) - total
+    ks = torch.arange(1, n + 1, device=rows.device, dtype=rows.dtype)
+    # rho = number of entries in the support: the largest k with u_k > (css_k) / k.
+    cond = u * ks > css
+    rho = cond.to(torch.int64).sum(-1, keepdim=True).clamp_min(1)
+    tau = css.gather(-1, rho - 1) / rho.to(rows.dtype)
+    return rows > tau
+
+
+def _simplex_support(rows: Tensor, total: Tensor | float) -> Tensor:
+    with torch.no_grad():
+        return _simplex_threshold_sort(rows, total)
+
+
+def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
+    """Euclidean projection of each row of ``rows`` (last dim) onto the scaled simplex.
+
+    # Note [Differentiable projection from a fixed support]
+    The support S (entries with positive output) is found without autograd; then
+    tau = (sum_{i in S} x_i - total) / |S| and y = (x - tau) on S, 0 elsewhere, are
+    computed with differentiable elementwise ops. Autograd then yields the exact
+    Jacobian on the support, I_S - 1_S 1_S^T / |S|, in O(n) and without a sort, and
+    the derivative 1_S / |S| with respect to ``total``.
+    """
+    shifted = rows - rows.detach().amax(-1, keepdim=True)
+    support = _simplex_support(shifted, total)
+    mask = support.to(rows.dtype)
+    count = mask.sum(-1, keepdim=True).clamp_min(1.0)
+    tau = ((shifted * mask).sum(-1, keepdim=True) - total) / count
+    return torch.where(support, shifted - tau, torch.zeros_like(shifted))
+
+
+def _box_support(
+    rows: Tensor, total: Tensor | float, lower: float, upper: float
+) -> tuple[Tensor, Tensor]:
+    """Masks (free, at_upper) of the box-sum projection, found exactly by sorting breakpoints.
+
+    With a = x - lower, width d = upper - lower and s = total - n * lower, the map
+    h(t) = sum_i clamp(a_i - t, 0, d) = G(t) - G(t + d), G(t) = sum_i max(a_i - t, 0),
+    is piecewise linear and non-increasing with breakpoints {a_i} and {a_i - d}.
+    We evaluate h at every breakpoint with sorted cumulative sums, bracket the root
+    of h(t) = s between two consecutive breakpoints, and classify each entry at the
+    bracket's midpoint: there the active set is that of the solution.
+    """
+    with torch.no_grad():
+        n = rows.shape[-1]
+        width = upper - lower
+        a = rows - lower
+        s = total - n * lower
+        a_sorted, _ = torch.sort(a, dim=-1)  # ascending
+        # suffix sums: sum of the entries strictly greater than a_sorted[j]
+        total_a = a_sorted.sum(-1, keepdim=True)
+        prefix = torch.cat([torch.zeros_like(a_sorted[..., :1]), a_sorted.cumsum(-1)], dim=-1)
+
+        def big_g(t: Tensor) -> Tensor:
+            # G(t) = sum_{a_i > t} (a_i - t)
+            idx = torch.searchsorted(a_sorted.contiguous(), t.contiguous(), right=True)
+            count = (n - idx).to(a.dtype)
+            above = total_a - prefix.gather(-1, idx)
+            return above - count * t
+
+        breaks, _ = torch.sort(torch.cat([a, a - width], dim=-1), dim=-1)
+        h = big_g(breaks) - big_g(breaks + width)
+        # h is non-increasing along breaks; the root lies after the last break with h >= s.
+        ge = (h >= s).to(torch.int64)
+        j = (ge.sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
+        left = breaks.gather(-1, j)
+        right = breaks.gather(-1, (j + 1).clamp(max=2 * n - 1))
+        right = torch.where(j + 1 >= 2 * n, left + 1.0, right)
+        mid = 0.5 * (left + right)
+        diff = a - mid
+        free = (diff > 0) & (diff < width)
+        at_upper = diff >= width
+        return free, at_upper
+
+
+def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Euclidean projection of each row onto {sum = total, lower <= y <= upper}.
+
+    Uses the active-set construction of Note [Differentiable projection from a fixed
+    support]: free entries move by a common shift, the others sit on a bound.
+    """
+    n = rows.shape[-1]
+    if math.isinf(lower) and math.isinf(upper):
+        return rows + (total - rows.sum(-1, keepdim=True)) / n
+    if math.isinf(upper):
+        return lower + _project_simplex_rows(rows - lower, total - n * lower)
+    if math.isinf(lower):
+        return upper - _project_simplex_rows(upper - rows, n * upper - total)
+    free, at_upper = _box_support(rows, total, lower, upper)
+    free_f = free.to(rows.dtype)
+    upper_f = at_upper.to(rows.dtype)
+    lower_f = 1.0 - free_f - upper_f
+    count = free_f.sum(-1, keepdim=True)
+    fixed_mass = upper * upper_f.sum(-1, keepdim=True) + lower * lower_f.sum(-1, keepdim=True)
+    tau = ((rows * free_f).sum(-1, keepdim=True) - (total - fixed_mass)) / count.clamp_min(1.0)
+    bound = torch.where(at_upper, rows.new_full((), upper), rows.new_full((), lower))
+    return torch.where(free, rows - tau, bound)
+
+
+def _apply_rows(
+    x: Tensor,
+    total: Total,
+    dims: tuple[int, ...],
+    row_map: Callable[..., Tensor],
+    *args: float,
+) -> Tensor:
+    """Cast to the compute dtype, lay out as rows, apply ``row_map``, restore."""
+    compute = _compute_dtype(x.dtype)
+    xc = x.to(compute)
+    t = _total_like(total, xc, dims)
+    rows = _to_rows(xc, dims)
+    t_rows = _total_rows(t, xc, dims)
+    out = row_map(rows, t_rows, *args)
+    return _from_rows(out, x.shape, dims).to(x.dtype)
+
+
+def _sum_violation(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
+    """max over slices of |sum(x) - total|, as a 0-d tensor (computed in >= float32)."""
+    xc = x.to(_compute_dtype(x.dtype))
+    if x.ndim == 0:
+        return (xc - total).abs()
+    return (xc.sum(dims, keepdim=True) - total).abs().amax()
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+def project_sum(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
+    r"""Euclidean projection onto the affine hyperplane of a fixed sum.
+
+    .. math::
+        P(x) = \operatorname*{arg\,min}_{y:\ \sum_{i} y_i = c} \lVert y - x \rVert_2
+             = x + \frac{c - \sum_i x_i}{n}
+
+    where the sum runs over ``dim`` (``n`` entries) and ``c`` is ``total``. Entries
+    keep any sign and magnitude; unlike dividing by the sum, the map is defined
+    everywhere and never flips signs. Batched over the dims not in ``dim``.
+
+    Args:
+        x: Floating point tensor.
+        total: Target sum ``c``: a float, or a tensor broadcastable to
+            ``x.sum(dim, keepdim=True).shape`` (one target per slice).
+        dim: Dim or tuple of dims summed over.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype whose sums over ``dim`` equal ``total``.
+
+    Raises:
+        TypeError: If ``x`` is not a floating point tensor.
+        IndexError: If a dim is out of range.
+        ValueError: If dims repeat, ``dim`` has no element, or ``total`` is not
+            finite or has an incompatible shape.
+
+    Example:
+        >>> import torch
+        >>> from sumto.functional import project_sum
+        >>> project_sum(torch.tensor([0.0, -1.0, 5.0]), total=1.0)
+        tensor([-1., -2.,  4.])
+        >>> project_sum(torch.ones(2, 3, 3), total=1.0, dim=(1, 2)).sum((1, 2))
+        tensor([1.0000, 1.0000])
+    """
+    dims = _validate(x, total, dim)
+    compute = _compute_dtype(x.dtype)
+    xc = x.to(compute)
+    return _project_sum(xc, _total_like(total, xc, dims), dims).to(x.dtype)
+
+
+def project_simplex(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
+    r"""Euclidean projection onto the scaled probability simplex.
+
+    .. math::
+        P(x) = \operatorname*{arg\,min}_{y \ge 0,\ \sum_i y_i = c} \lVert y - x \rVert_2
+             = \max(x - \tau, 0)
+
+    with the threshold :math:`\tau` chosen so that the sum over ``dim`` is ``c``.
+    The result is sparse (exact zeros) and shift invariant,
+    :math:`P(x + a) = P(x)`. The gradient is the Jacobian on the support
+    :math:`I_S - \mathbf{1}_S \mathbf{1}_S^\top / |S|`, computed in O(n).
+    Batched over the dims not in ``dim``.
+
+    Args:
+        x: Floating point tensor.
+        total: Target sum ``c > 0``: a float, or a tensor broadcastable to
+            ``x.sum(dim, keepdim=True).shape``.
+        dim: Dim or tuple of dims summed over.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype, non-negative, summing to ``total``.
+
+    Raises:
+        TypeError: If ``x`` is not a floating point tensor.
+        IndexError: If a dim is out of range.
+        ValueError: If dims repeat, ``total`` is not finite and positive, or has
+            an incompatible shape.
+
+    Example:
+        >>> import torch
+        >>> from sumto.functional import project_simplex
+        >>> project_simplex(torch.tensor([1e6, 0.0, 0.0]))
+        tensor([1., 0., 0.])
+        >>> project_simplex(torch.tensor([0.5, 0.3, -0.2]))
+        tensor([0.6000, 0.4000, 0.0000])
+    """
+    dims = _validate(x, total, dim)
+    _check_positive(total, "total")
+    return _apply_rows(x, total, dims, _project_simplex_rows)
+
+
+def project_box_sum(
+    x: Tensor,
+    total: Total = 1.0,
+    dim: Dim = -1,
+    lower: float = -math.inf,
+    upper: float = math.inf,
+) -> Tensor:
+    r"""Euclidean projection onto a box intersected with a fixed-sum hyperplane.
+
+    .. math::
+        P(x) = \operatorname*{arg\,min}_{\substack{\sum_i y_i = c \\ l \le y_i \le u}}
+               \lVert y - x \rVert_2 = \operatorname{clamp}(x - \tau, l, u)
+
+    with :math:`\tau` chosen so that the sum over ``dim`` is ``c``. With both
+    bounds infinite this is :func:`project_sum`; with ``lower=0`` and no upper
+    bound it is :func:`project_simplex`. Batched over the dims not in ``dim``.
+
+    Args:
+        x: Floating point tensor.
+        total: Target sum ``c``: a float, or a tensor broadcastable to
+            ``x.sum(dim, keepdim=True).shape``.
+        dim: Dim or tuple of dims summed over.
+        lower: Lower bound ``l`` of every entry (may be ``-inf``).
+        upper: Upper bound ``u`` of every entry (may be ``inf``).
+
+    Returns:
+        Tensor of ``x``'s shape and dtype within the bounds, summing to ``total``.
+
+    Raises:
+        TypeError: If ``x`` is not a floating point tensor.
+        IndexError: If a dim is out of range.
+        ValueError: If dims repeat, ``total`` is not finite, a bound is NaN,
+            ``lower > upper``, or the set is empty (``n * lower > total`` or
+            ``n * upper < total``).
+
+    Example:
+        >>> import torch
+        >>> from sumto.functional import project_box_sum
+        >>> project_box_sum(torch.tensor([3.0, 0.0, 0.0]), total=1.0, lower=-0.5, upper=0.8)
+        tensor([0.8000, 0.1000, 0.1000])
+    """
+    dims = _validate(x, total, dim)
+    n = _reduced_size(x.shape, dims)
+    _check_box(total, n, lower, upper)
+    return _apply_rows(x, total, dims, _project_box_rows, float(lower), float(upper))
+
+
+def sum_violation(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
+    r"""Largest deviation of a slice sum from its target, :math:`\max |\sum_i x_i - c|`.
+
+    Batched over the dims not in ``dim``; the maximum is taken over all slices.
+
+    Args:
+        x: Floating point tensor.
+        total: Target sum: a float or a tensor broadcastable to the keepdim-reduced shape.
+        dim: Dim or tuple of dims summed over.
+
+    Returns:
+        0-d tensor (float32 or wider), 0 when every slice sums exactly to ``total``.
+
+    Raises:
+        TypeError: If ``x`` is not a floating point tensor.
+        IndexError: If a dim is out of range.
+        ValueError: If dims repeat or ``total`` is invalid.
+
+    Example:
+        >>> import torch
+        >>> from sumto.functional import sum_violation
+        >>> sum_violation(torch.tensor([[0.5, 0.5], [1.0, 0.5]]), total=1.0)
+        tensor(0.5000)
+    """
+    dims = _validate(x, total, dim)
+    xc = x.to(_compute_dtype(x.dtype))
+    return _sum_violation(xc, _total_like(total, xc, dims), dims)
+
+
+# ---------------------------------------------------------------------------
+# checks shared with the constraint classes
+# ---------------------------------------------------------------------------
+
+
+def _check_positive(total: Total, name: str) -> None:
+    if isinstance(total, Tensor):
+        if total.numel() > 0 and not bool((total > 0).all()):
+            raise ValueError(f"expected {name} > 0 for the simplex, got {total}")
+    elif not total > 0:
+        raise ValueError(f"expected {name} > 0 for the simplex, got {total}")
+
+
+def _check_bounds(lower: float, upper: float) -> None:
+    for name, value in (("lower", lower), ("upper", upper)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected {name} to be a float, got {type(value).__name__}")
+        if math.isnan(value):
+            raise ValueError(f"expected {name} to be a number, got nan")
+    if lower > upper:
+        raise ValueError(f"expected lower <= upper, got lower={lower} > upper={upper}")
+    if lower == math.inf or upper == -math.inf:
+        raise ValueError(f"expected lower < inf and upper > -inf, got lower={lower}, upper={upper}")
+
+
+def _check_box(total: Total, n: int, lower: float, upper: float) -> None:
+    """ValueError when {sum = total, lower <= y <= upper} over n entries is empty."""
+    _check_bounds(lower, upper)
+    t = total.detach().double() if isinstance(total, Tensor) else torch.tensor(float(total))
+    if t.numel() == 0:
+        return
+    lo_sum, hi_sum = n * float(lower), n * float(upper)
+    if bool((t < lo_sum).any()) or bool((t > hi_sum).any()):
+        bad = float(t.min()) if bool((t < lo_sum).any()) else float(t.max())
+        raise ValueError(
+            f"expected n * lower <= total <= n * upper (n={n}, lower={lower}, upper={upper}, "
+            f"so total in [{lo_sum}, {hi_sum}]), got total={bad}"
+        )

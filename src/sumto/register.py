@@ -1,0 +1,356 @@
+"""Helpers that register a constraint on ``module.<name>`` and return the module.
+
+They wrap :func:`torch.nn.utils.parametrize.register_parametrization` and add what it
+lacks for sum constraints (see ``shared/PITFALLS.md``): the tensor is validated, its
+value is projected onto the set (or set exactly from ``init``) *before* the inverse
+map runs, later assignments are checked, and a load-state-dict pre-hook lets plain
+checkpoints (key ``<name>``) load into the constrained module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sumto.constraints import AffineSum, BoxSum, Constraint, Simplex, SimplexMethod
+from sumto.functional import Dim, Total
+
+__all__ = ["bake", "box_sum", "check", "constrain", "simplex", "sum_to"]
+
+Init = Literal["project"] | Tensor
+
+
+def _plain_tensor(module: nn.Module, name: str) -> Tensor:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected module to be an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"expected name to be a str, got {type(name).__name__}")
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(
+            f"expected {type(module).__name__}.{name} to have no parametrization yet, got "
+            f"{[type(p).__name__ for p in _plist(module, name)]}; "
+            "call sumto.bake(module) or parametrize.remove_parametrizations first"
+        )
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, Tensor):
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        names += [n for n, _ in module.named_buffers(recurse=False)]
+        raise KeyError(
+            f"expected name to be a parameter or buffer of {type(module).__name__} "
+            f"(one of {names}), got {name!r}"
+        )
+    if isinstance(tensor, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"expected an initialised tensor, got an uninitialised {name!r}: run one forward "
+            "pass of the lazy module before constraining it"
+        )
+    return tensor
+
+
+def constrain(
+    module: nn.Module, name: str, constraint: Constraint, init: Init = "project"
+) -> nn.Module:
+    """Register any sumto ``constraint`` on ``module.<name>`` with exact initialisation.
+
+    This is what :func:`sum_to`, :func:`simplex` and :func:`box_sum` call; use it for
+    a constraint object you built yourself.
+
+    Args:
+        module: Module owning the tensor.
+        name: Name of a parameter or buffer of ``module``.
+        constraint: A :class:`sumto.Constraint` instance (not shared with another tensor).
+        init: ``"project"`` keeps the current value if it already satisfies the
+            constraint and otherwise projects it onto the set; a tensor sets that
+            exact constrained value.
+
+    Returns:
+        ``module``, with ``module.<name>`` constrained.
+
+    Raises:
+        KeyError: If ``module`` has no tensor called ``name``.
+        IndexError: If the constraint's dims are out of range for the tensor.
+        TypeError: If the tensor is not floating point or an argument has the wrong type.
+        ValueError: If the tensor is already parametrized, the constraint's set is
+            empty for this shape, or ``init`` has the wrong shape or violates the
+            constraint.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sumto
+        >>> lin = sumto.constrain(nn.Linear(3, 2), "weight", sumto.AffineSum(total=2.0))
+        >>> torch.allclose(lin.weight.sum(1), torch.full((2,), 2.0))
+        True
+    """
+    if not isinstance(constraint, Constraint):
+        raise TypeError(
+            f"expected constraint to be a sumto.Constraint, got {type(constraint).__name__}"
+        )
+    tensor = _plain_tensor(module, name)
+    constraint._bind(tensor)
+    with torch.no_grad():
+        if isinstance(init, str) and init == "project":
+            value = tensor.detach()
+            if not float(constraint.violation(value)) <= constraint.tolerance(value):
+                value = constraint.project(value)
+        elif isinstance(init, Tensor):
+            value = init.detach().to(device=tensor.device)
+            constraint.check_member(value, "init")
+            value = value.to(tensor.dtype)
+        else:
+            raise ValueError(f"expected init to be 'project' or a tensor, got {init!r}")
+        # Pre-weights computed here, on the set: right_inverse never sees the raw init
+        # (a softmax right_inverse of a mostly negative weight gives dead pre-weights).
+        tensor.copy_(value)
+    parametrize.register_parametrization(module, name, constraint)
+    _install_load_hook(module)
+    return module
+
+
+def sum_to(
+    module: nn.Module,
+    name: str = "weight",
+    total: Total = 1.0,
+    dim: Dim | None = None,
+    init: Init = "project",
+) -> nn.Module:
+    r"""Constrain ``module.<name>`` to entries of any sign summing to ``total``.
+
+    .. math::
+        \{ w : \textstyle\sum_{i \in \text{dim}} w_i = c \}
+
+    Registers :class:`sumto.AffineSum`; one sum per slice over ``dim``
+    (default: per output unit, e.g. each row of a Linear weight or each filter of a
+    Conv weight). Use it for kernels such as ``[[0,-1,0],[-1,5,-1],[0,-1,0]]``.
+
+    Args:
+        module: Module owning the tensor.
+        name: Parameter or buffer name.
+        total: Target sum: a float or a tensor with one target per slice.
+        dim: Dims of each sum; ``None`` means one sum per output unit.
+        init: ``"project"`` or an exact constrained value (see :func:`constrain`).
+
+    Returns:
+        ``module``.
+
+    Raises:
+        KeyError, IndexError, TypeError, ValueError: As :func:`constrain`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sumto
+        >>> conv = sumto.sum_to(nn.Conv2d(1, 1, 3, bias=False))
+        >>> k = torch.tensor([[0.0, -1, 0], [-1, 5, -1], [0, -1, 0]]).view(1, 1, 3, 3)
+        >>> conv.weight = k
+        >>> torch.equal(conv.weight, k)
+        True
+    """
+    return constrain(module, name, AffineSum(total=total, dim=dim), init)
+
+
+def simplex(
+    module: nn.Module,
+    name: str = "weight",
+    total: Total = 1.0,
+    dim: Dim | None = None,
+    method: SimplexMethod = "softmax",
+    temperature: float = 1.0,
+    init: Init = "project",
+) -> nn.Module:
+    r"""Constrain ``module.<name>`` to non-negative entries summing to ``total``.
+
+    .. math::
+        \{ w : w_i \ge 0,\ \textstyle\sum_{i \in \text{dim}} w_i = c \}
+
+    Registers :class:`sumto.Simplex` with the given ``method`` (``"softmax"``,
+    ``"sparsemax"`` or ``"relu"``). One sum per slice over ``dim``.
+
+    Args:
+        module: Module owning the tensor.
+        name: Parameter or buffer name.
+        total: Target sum ``c > 0``.
+        dim: Dims of each sum; ``None`` means one sum per output unit.
+        method: Map from pre-weights to the simplex.
+        temperature: Softmax/sparsemax temperature ``T > 0``.
+        init: ``"project"`` or an exact constrained value (see :func:`constrain`).
+
+    Returns:
+        ``module``.
+
+    Raises:
+        KeyError, IndexError, TypeError, ValueError: As :func:`constrain`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sumto
+        >>> lin = sumto.simplex(nn.Linear(4, 2), init=torch.full((2, 4), 0.25))
+        >>> lin.weight
+        tensor([[0.2500, 0.2500, 0.2500, 0.2500],
+                [0.2500, 0.2500, 0.2500, 0.2500]], grad_fn=<...>)
+    """
+    constraint = Simplex(total=total, dim=dim, method=method, temperature=temperature)
+    return constrain(module, name, constraint, init)
+
+
+def box_sum(
+    module: nn.Module,
+    name: str = "weight",
+    total: Total = 1.0,
+    dim: Dim | None = None,
+    lower: float = -math.inf,
+    upper: float = math.inf,
+    init: Init = "project",
+) -> nn.Module:
+    r"""Constrain ``module.<name>`` to entries in ``[lower, upper]`` summing to ``total``.
+
+    .. math::
+        \{ w : l \le w_i \le u,\ \textstyle\sum_{i \in \text{dim}} w_i = c \}
+
+    Registers :class:`sumto.BoxSum`. One sum per slice over ``dim``.
+
+    Args:
+        module: Module owning the tensor.
+        name: Parameter or buffer name.
+        total: Target sum.
+        dim: Dims of each sum; ``None`` means one sum per output unit.
+        lower: Lower bound of every entry.
+        upper: Upper bound of every entry.
+        init: ``"project"`` or an exact constrained value (see :func:`constrain`).
+
+    Returns:
+        ``module``.
+
+    Raises:
+        KeyError, IndexError, TypeError: As :func:`constrain`.
+        ValueError: As :func:`constrain`, and when the bounds make the set empty.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sumto
+        >>> lin = sumto.box_sum(nn.Linear(4, 3), lower=-0.5, upper=1.0)
+        >>> bool((lin.weight >= -0.5).all() and (lin.weight <= 1.0).all())
+        True
+    """
+    return constrain(module, name, BoxSum(total=total, dim=dim, lower=lower, upper=upper), init)
+
+
+# ---------------------------------------------------------------------------
+# checkpoints, baking and checking
+# ---------------------------------------------------------------------------
+
+
+def _plist(module: nn.Module, name: str) -> Any:
+    """The ParametrizationList of ``module.<name>``."""
+    plists: Any = module.parametrizations
+    return plists[name]
+
+
+def _sumto_names(module: nn.Module) -> list[str]:
+    """Names of the tensors of ``module`` (not its children) with a sumto constraint."""
+    if not parametrize.is_parametrized(module):
+        return []
+    plists: Any = module.parametrizations
+    return [name for name, plist in plists.items() if any(isinstance(p, Constraint) for p in plist)]
+
+
+def _load_plain_checkpoint_hook(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Route a plain ``<name>`` checkpoint entry through ``right_inverse``."""
+    for name in _sumto_names(module):
+        plain_key = prefix + name
+        original_key = f"{prefix}parametrizations.{name}.original"
+        if plain_key not in state_dict or original_key in state_dict:
+            continue
+        value = state_dict.pop(plain_key)
+        plist = _plist(module, name)
+        with torch.no_grad():
+            for p in reversed(plist):
+                if isinstance(p, Constraint):
+                    value = p.right_inverse(value, f"checkpoint entry {plain_key!r}")
+                else:
+                    value = p.right_inverse(value)
+        state_dict[original_key] = value
+
+
+def _install_load_hook(module: nn.Module) -> None:
+    if not getattr(module, "_sumto_load_hook_installed", False):
+        module.register_load_state_dict_pre_hook(_load_plain_checkpoint_hook)  # type: ignore[no-untyped-call]
+        object.__setattr__(module, "_sumto_load_hook_installed", True)
+
+
+def bake(module: nn.Module) -> nn.Module:
+    """Remove every sumto parametrization in the module tree, keeping the constrained values.
+
+    Each constrained tensor becomes a plain ``nn.Parameter`` (the same object, so an
+    optimizer holding it keeps working) with its current constrained value: use it
+    before export or to save a plain checkpoint (key ``<name>``).
+
+    Args:
+        module: Root of the module tree.
+
+    Returns:
+        ``module``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import sumto
+        >>> lin = sumto.bake(sumto.simplex(nn.Linear(3, 2)))
+        >>> sorted(lin.state_dict())
+        ['bias', 'weight']
+    """
+    for sub in module.modules():
+        for name in _sumto_names(sub):
+            parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module
+
+
+def check(module: nn.Module) -> dict[str, float]:
+    """Max violation of every sumto-constrained tensor in the module tree.
+
+    Non-finite tensors are reported as ``nan`` (any NaN entry) or ``inf``.
+
+    Args:
+        module: Root of the module tree.
+
+    Returns:
+        ``{qualified tensor name: max violation}``; 0.0 means exactly on the set.
+
+    Example:
+        >>> from torch import nn
+        >>> import sumto
+        >>> model = nn.Sequential(sumto.sum_to(nn.Linear(3, 2)))
+        >>> {k: v < 1e-6 for k, v in sumto.check(model).items()}
+        {'0.weight': True}
+    """
+    report: dict[str, float] = {}
+    with torch.no_grad():
+        for prefix, sub in module.named_modules():
+            for name in _sumto_names(sub):
+                plist = _plist(sub, name)
+                value = plist.original
+                worst = 0.0
+                for p in plist:
+                    value = p(value)
+                    if isinstance(p, Constraint):
+                        if not bool(torch.isfinite(value).all()):
+                            worst = math.nan if bool(torch.isnan(value).any()) else math.inf
+                            break
+                        worst = max(worst, float(p.violation(value)))
+                report[f"{prefix}.{name}" if prefix else name] = worst
+    return report
