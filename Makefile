@@ -31,7 +31,11 @@ demo: $(VENV)/.dev-installed
 	$(VENV)/bin/sumto demo --out demo-out
 
 bench: $(VENV)/.dev-installed
-	$(VENV)/bin/sumto bench
+	$(PY) benchmarks/run.py --out bench-out
+
+docs: $(VENV)/.dev-installed
+	$(PIP) -e ".[docs]" $(TORCH_PIN)
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) dist build site .pytest_cache .mypy_cache .ruff_cache .hypothesis

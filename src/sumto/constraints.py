@@ -10,7 +10,7 @@ plain checkpoints loadable.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,8 @@ __all__ = ["AffineSum", "BoxSum", "Constraint", "Simplex"]
 
 SimplexMethod = Literal["softmax", "sparsemax", "relu"]
 _SIMPLEX_METHODS = ("softmax", "sparsemax", "relu")
+# Format tag of the constraint configuration stored in state_dicts (extra state).
+EXTRA_STATE_FORMAT = "sumto.constraint/1"
 # Note [relu fusion eps]: the additive constant of the BiFPN fast normalised fusion.
 RELU_EPS = 1e-4
 
@@ -96,6 +98,40 @@ class Constraint(nn.Module):
     def _bind_shape(self, shape: tuple[int, ...]) -> None:
         """Validate the configuration against a tensor shape (IndexError/ValueError)."""
         self.dims(len(shape))
+
+    def _config(self) -> dict[str, Any]:
+        """Plain-Python configuration, saved in state_dicts as extra state."""
+        return {"dim": None if self.dim is None else list(self.dim)}
+
+    # -- checkpoints ----------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """Configuration saved beside the pre-weights (readable with ``weights_only=True``).
+
+        It lets ``sumto inspect`` rebuild the constraint from a state_dict alone, and
+        makes loading pre-weights into a differently configured constraint fail
+        loudly instead of silently changing their meaning.
+        """
+        return {
+            "format": EXTRA_STATE_FORMAT,
+            "class": type(self).__name__,
+            "config": self._config(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a checkpoint was saved with this constraint's configuration.
+
+        Raises:
+            ValueError: If the saved class or configuration differs from this one.
+        """
+        expected = self.get_extra_state()
+        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
+            raise ValueError(f"expected sumto constraint state {expected}, got {state!r}")
+        if state.get("class") != expected["class"] or state.get("config") != expected["config"]:
+            raise ValueError(
+                f"expected a checkpoint saved with {expected['class']} {expected['config']}, "
+                f"got {state.get('class')} {state.get('config')}: the pre-weights would change "
+                "meaning; load into a model built with the checkpoint's constraint"
+            )
 
     # -- shared machinery ---------------------------------------------------
     def tolerance(self, x: Tensor) -> float:
@@ -188,6 +224,11 @@ class _TotalMixin(Constraint):
         dims = self.dims(x.ndim)
         xc = x.to(F._compute_dtype(x.dtype))
         return F._sum_violation(xc, self._total_value(xc, dims), dims)
+
+    def _config(self) -> dict[str, Any]:
+        # A tensor total is saved as the buffer "total"; the config records only its kind.
+        total = "tensor" if isinstance(self.total, Tensor) else self.total
+        return {**super()._config(), "total": total}
 
     def _total_repr(self) -> str:
         if isinstance(self.total, Tensor):
@@ -350,6 +391,9 @@ class Simplex(_TotalMixin):
         n = F._reduced_size(value.shape, dims)
         return (p * (1.0 + RELU_EPS) - RELU_EPS / n).clamp_min(0.0).to(value.dtype)
 
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "method": self.method, "temperature": self.temperature}
+
     def extra_repr(self) -> str:
         s = f"{self._total_repr()}, dim={self.dim}, method={self.method!r}"
         return s + (f", temperature={self.temperature:g}" if self.temperature != 1.0 else "")
@@ -429,6 +473,9 @@ class BoxSum(_TotalMixin):
 
     def _inverse(self, value: Tensor) -> Tensor:
         return value
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "lower": self.lower, "upper": self.upper}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lower={self.lower:g}, upper={self.upper:g}"

@@ -270,7 +270,11 @@ def _load_plain_checkpoint_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Route a plain ``<name>`` checkpoint entry through ``right_inverse``."""
+    """Route a plain ``<name>`` checkpoint entry through ``right_inverse``.
+
+    The parametrizations' own state (constraint configuration, tensor totals) is
+    absent from a plain checkpoint: the module's current one is used for it.
+    """
     for name in _sumto_names(module):
         plain_key = prefix + name
         original_key = f"{prefix}parametrizations.{name}.original"
@@ -278,6 +282,9 @@ def _load_plain_checkpoint_hook(
             continue
         value = state_dict.pop(plain_key)
         plist = _plist(module, name)
+        for key, own in plist.state_dict().items():
+            if key != "original":
+                state_dict.setdefault(f"{prefix}parametrizations.{name}.{key}", own)
         with torch.no_grad():
             for p in reversed(plist):
                 if isinstance(p, Constraint):
