@@ -80,7 +80,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _reduced_size(shape: Sequence[int], dims: tuple[int, ...]) -> int:
-    return math.prod(shape[d] for d in dims) if len(shape) > 0 else 1
+    return math.prod([shape[d] for d in dims]) if len(shape) > 0 else 1
 
 
 def _keep_shape(shape: Sequence[int], dims: tuple[int, ...]) -> tuple[int, ...]:
