@@ -90,7 +90,7 @@ class Constraint(nn.Module):
         mag = xa.sum(dims, keepdim=True) if x.ndim > 0 else xa
         total = self._total_value(xa, dims)
         mag = mag + (total.abs() if isinstance(total, Tensor) else abs(total))
-        return mag.amax()
+        return F._max_or_zero(mag)
 
     def _total_value(self, like: Tensor, dims: tuple[int, ...]) -> Tensor | float:
         return 0.0
@@ -373,7 +373,7 @@ class Simplex(_TotalMixin):
 
     def violation(self, x: Tensor) -> Tensor:
         """Largest of ``max |sum(x) - total|`` and ``max(-x)`` (0 on the set)."""
-        negative = (-x.to(F._compute_dtype(x.dtype))).amax().clamp_min(0.0)
+        negative = F._max_or_zero(-x.to(F._compute_dtype(x.dtype))).clamp_min(0.0)
         return torch.maximum(self._sum_violation(x), negative)
 
     def _inverse(self, value: Tensor) -> Tensor:
@@ -467,8 +467,8 @@ class BoxSum(_TotalMixin):
     def violation(self, x: Tensor) -> Tensor:
         """Largest of ``max |sum(x) - total|``, ``max(lower - x)`` and ``max(x - upper)``."""
         xc = x.to(F._compute_dtype(x.dtype))
-        below = (self.lower - xc).amax().clamp_min(0.0)
-        above = (xc - self.upper).amax().clamp_min(0.0)
+        below = F._max_or_zero(self.lower - xc).clamp_min(0.0)
+        above = F._max_or_zero(xc - self.upper).clamp_min(0.0)
         return torch.maximum(self._sum_violation(x), torch.maximum(below, above))
 
     def _inverse(self, value: Tensor) -> Tensor:

@@ -195,7 +195,8 @@ def _total_rows(total: Tensor | float, x: Tensor, dims: tuple[int, ...]) -> Tens
 
 def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
     n = _reduced_size(x.shape, dims)
-    if x.ndim == 0:
+    if x.ndim == 0 or n == 1:
+        # A single entry is the total, exactly (x + (total - x) rounds).
         return torch.zeros_like(x) + total
     return x + (total - x.sum(dims, keepdim=True)) / n
 
@@ -291,6 +292,9 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
     support]: free entries move by a common shift, the others sit on a bound.
     """
     n = rows.shape[-1]
+    if n == 1:
+        # A single entry is the total, exactly (x - (x - total) rounds).
+        return torch.zeros_like(rows) + total
     if math.isinf(lower) and math.isinf(upper):
         return rows + (total - rows.sum(-1, keepdim=True)) / n
     if math.isinf(upper):
@@ -305,7 +309,8 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
     fixed_mass = upper * upper_f.sum(-1, keepdim=True) + lower * lower_f.sum(-1, keepdim=True)
     tau = ((rows * free_f).sum(-1, keepdim=True) - (total - fixed_mass)) / count.clamp_min(1.0)
     bound = torch.where(at_upper, rows.new_full((), upper), rows.new_full((), lower))
-    return torch.where(free, rows - tau, bound)
+    # Clamped: near a bound (e.g. total = n * upper), x - tau can overshoot it by rounding.
+    return torch.where(free, (rows - tau).clamp(lower, upper), bound)
 
 
 def _apply_rows(
@@ -325,12 +330,17 @@ def _apply_rows(
     return _from_rows(out, x.shape, dims).to(x.dtype)
 
 
+def _max_or_zero(t: Tensor) -> Tensor:
+    """Largest entry of ``t`` as a 0-d tensor, 0 for an empty ``t`` (a zero-size batch)."""
+    return t.amax() if t.numel() > 0 else t.new_zeros(())
+
+
 def _sum_violation(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
     """max over slices of |sum(x) - total|, as a 0-d tensor (computed in >= float32)."""
     xc = x.to(_compute_dtype(x.dtype))
     if x.ndim == 0:
         return (xc - total).abs()
-    return (xc.sum(dims, keepdim=True) - total).abs().amax()
+    return _max_or_zero((xc.sum(dims, keepdim=True) - total).abs())
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,597 @@
+"""sumto.functional against the independent float64 references of tests/reference.py.
+
+Property tests draw shapes up to 4-D, dims (ints and tuples, negative too), totals
+(floats and per-slice tensors of keepdim or reduced shape) and dtypes; tolerances
+are scaled by ``finfo(dtype).eps`` and the magnitude of the data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torch import Tensor
+
+from reference import (
+    as_rows,
+    assert_sums,
+    ref_project_box_sum,
+    ref_project_simplex,
+    ref_project_sum,
+    tolerance,
+    total_rows,
+)
+from sumto.functional import project_box_sum, project_simplex, project_sum, sum_violation
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+PROJECTIONS = [project_sum, project_simplex, project_box_sum]
+
+
+# ---------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def shape_and_dim(draw: st.DrawFn, max_ndim: int = 4, max_side: int = 4) -> tuple:
+    """A shape (1-D to max_ndim-D) and a dim spec: an int or a tuple, possibly negative."""
+    ndim = draw(st.integers(1, max_ndim))
+    shape = tuple(draw(st.lists(st.integers(1, max_side), min_size=ndim, max_size=ndim)))
+    order = draw(st.permutations(list(range(ndim))))
+    k = draw(st.integers(1, ndim))
+    dims = tuple(d - ndim if draw(st.booleans()) else d for d in order[:k])
+    dim: int | tuple[int, ...] = dims[0] if k == 1 and draw(st.booleans()) else dims
+    return shape, dim, dims
+
+
+def finite_floats(lo: float, hi: float) -> st.SearchStrategy[float]:
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+def tensors(shape: tuple[int, ...], lo: float = -1e3, hi: float = 1e3) -> st.SearchStrategy:
+    return arrays(np.float64, shape, elements=finite_floats(lo, hi)).map(torch.from_numpy)
+
+
+def keep_shape(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
+    norm = {d % len(shape) for d in dims}
+    return tuple(1 if i in norm else s for i, s in enumerate(shape))
+
+
+def reduced_shape(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
+    norm = {d % len(shape) for d in dims}
+    return tuple(s for i, s in enumerate(shape) if i not in norm)
+
+
+@st.composite
+def totals(
+    draw: st.DrawFn, shape: tuple[int, ...], dims: tuple[int, ...], lo: float, hi: float
+) -> float | Tensor:
+    """A float total, or a per-slice tensor of the keepdim-reduced or the reduced shape."""
+    kind = draw(st.sampled_from(["float", "keepdim", "reduced"]))
+    if kind == "float":
+        return draw(finite_floats(lo, hi))
+    target = keep_shape(shape, dims) if kind == "keepdim" else reduced_shape(shape, dims)
+    return draw(tensors(target, lo, hi))
+
+
+def slice_size(shape: tuple[int, ...], dims: tuple[int, ...]) -> int:
+    return math.prod(shape[d] for d in dims)
+
+
+# ---------------------------------------------------------------------------
+# shared checks
+# ---------------------------------------------------------------------------
+
+
+def compute_eps(dtype: torch.dtype) -> float:
+    """eps of the dtype the library computes in (float32 for half precision)."""
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.finfo(wide).eps
+
+
+def assert_sums_scaled(y: Tensor, x: Tensor, total: float | Tensor, dims: tuple[int, ...]) -> None:
+    """Slice sums of ``y`` equal ``total`` within eps(dtype) times the input's magnitude too.
+
+    A projection cancels ``sum(x)``: its rounding error scales with ``x``, not only with ``y``.
+    """
+    rows, _ = as_rows(y, dims)
+    err = float((rows.sum(1, keepdim=True) - total_rows(total, y, dims)).abs().max())
+    bound = tolerance(y, total, dims) + tolerance(x.to(y.dtype), total, dims)
+    assert err <= bound, f"max |sum - total| = {err:.3g} exceeds {bound:.3g} ({y.dtype})"
+
+
+def assert_matches_reference(
+    actual: Tensor,
+    expected: Tensor,
+    x: Tensor,
+    total: float | Tensor,
+    dims: tuple[int, ...],
+    extra_scale: float = 0.0,
+) -> None:
+    """|actual - expected| <= eps(dtype) |expected| + k (4 + log2 n) eps(compute) * scale.
+
+    The first term is the final rounding to ``actual``'s dtype; the second the error
+    of computing in float32/float64 on slices of magnitude ``sum|x| + |total|``
+    (plus ``extra_scale``, e.g. the mass of entries sitting on a box bound).
+    """
+    assert actual.shape == expected.shape
+    if actual.numel() == 0:
+        return
+    rows, _ = as_rows(x, dims)
+    t = total_rows(total, x, dims)
+    n = rows.shape[1]
+    scale = float((rows.abs().sum(1, keepdim=True) + t.abs()).max()) + extra_scale
+    err = (actual.double() - expected).abs()
+    bound = torch.finfo(actual.dtype).eps * expected.abs() + 16 * (4 + math.log2(n)) * compute_eps(
+        actual.dtype
+    ) * max(scale, 1e-30)
+    worst = float((err - bound).max())
+    assert worst <= 0, (
+        f"max abs error {float(err.max()):.3g} exceeds its bound by {worst:.3g} ({actual.dtype})"
+    )
+
+
+# ---------------------------------------------------------------------------
+# property tests against the references
+# ---------------------------------------------------------------------------
+
+
+@given(data=st.data(), dtype=st.sampled_from(DTYPES))
+def test_project_sum_matches_reference(data: st.DataObject, dtype: torch.dtype) -> None:
+    shape, dim, dims = data.draw(shape_and_dim())
+    x = data.draw(tensors(shape)).to(dtype)
+    total = data.draw(totals(shape, dims, -100.0, 100.0))
+    y = project_sum(x, total, dim)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_matches_reference(y, ref_project_sum(x.double(), total, dims), x, total, dims)
+    assert_sums_scaled(y, x, total, dims)
+
+
+@given(data=st.data(), dtype=st.sampled_from(DTYPES))
+def test_project_simplex_matches_sort_reference(data: st.DataObject, dtype: torch.dtype) -> None:
+    shape, dim, dims = data.draw(shape_and_dim())
+    x = data.draw(tensors(shape)).to(dtype)
+    total = data.draw(totals(shape, dims, 1e-3, 100.0))
+    y = project_simplex(x, total, dim)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert bool((y >= 0).all()), f"negative entries {y[y < 0]}"
+    assert_matches_reference(y, ref_project_simplex(x.double(), total, dims), x, total, dims)
+    assert_sums_scaled(y, x, total, dims)
+
+
+@st.composite
+def box_problems(draw: st.DrawFn) -> tuple:
+    """A shape, dims, bounds (possibly infinite) and a feasible total (boundary included)."""
+    shape, dim, dims = draw(shape_and_dim())
+    n = slice_size(shape, dims)
+    lower = draw(st.one_of(st.just(-math.inf), finite_floats(-10.0, 10.0)))
+    upper = draw(st.one_of(st.just(math.inf), finite_floats(-10.0, 10.0)))
+    if lower > upper:
+        lower, upper = upper, lower
+    lo = n * lower if math.isfinite(lower) else (n * upper if math.isfinite(upper) else 0.0) - 50.0
+    hi = n * upper if math.isfinite(upper) else lo + 100.0
+    frac = draw(st.one_of(st.sampled_from([0.0, 1.0]), finite_floats(0.0, 1.0)))
+    kind = draw(st.sampled_from(["float", "keepdim", "reduced"]))
+    if kind == "float":
+        total: float | Tensor = min(max(lo + frac * (hi - lo), lo), hi)
+    else:
+        target = keep_shape(shape, dims) if kind == "keepdim" else reduced_shape(shape, dims)
+        fracs = draw(arrays(np.float64, target, elements=st.sampled_from([0.0, 0.3, 0.5, 1.0])))
+        total = (lo + torch.from_numpy(fracs) * (hi - lo)).clamp(lo, hi)
+    return shape, dim, dims, lower, upper, total
+
+
+@given(problem=box_problems(), data=st.data(), dtype=st.sampled_from(DTYPES))
+def test_project_box_sum_matches_bisection_reference(
+    problem: tuple, data: st.DataObject, dtype: torch.dtype
+) -> None:
+    shape, dim, dims, lower, upper, total = problem
+    x = data.draw(tensors(shape, -20.0, 20.0)).to(dtype)
+    y = project_box_sum(x, total, dim, lower=lower, upper=upper)
+    assert y.dtype == dtype and y.shape == x.shape
+    expected = ref_project_box_sum(x.double(), total, dims, lower, upper)
+    # Entries on a bound are exact; the shift tau of the free ones subtracts the
+    # mass of up to n entries sitting on a bound.
+    bound_mass = slice_size(shape, dims) * max(
+        abs(b) for b in (lower, upper, 0.0) if math.isfinite(b)
+    )
+    assert_matches_reference(y, expected, x, total, dims, bound_mass)
+    assert bool((y >= lower).all()) and bool((y <= upper).all()), "entries outside the bounds"
+    assert_sums_scaled(y, x, total, dims)
+
+
+@given(data=st.data())
+def test_box_sum_reduces_to_sum_and_simplex(data: st.DataObject) -> None:
+    shape, dim, dims = data.draw(shape_and_dim(max_ndim=3))
+    x = data.draw(tensors(shape, -50.0, 50.0))
+    total = data.draw(finite_floats(0.01, 10.0))
+    unbounded = project_box_sum(x, total, dim)
+    assert_matches_reference(unbounded, project_sum(x, total, dim).double(), x, total, dims)
+    box = project_box_sum(x, total, dim, lower=0.0)
+    assert_matches_reference(box, project_simplex(x, total, dim).double(), x, total, dims)
+
+
+# ---------------------------------------------------------------------------
+# dtypes and precision
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_output_dtype_equals_input_dtype(fn: Callable[..., Tensor], dtype: torch.dtype) -> None:
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert fn(x).dtype == dtype
+    assert sum_violation(x).dtype == (torch.float32 if dtype.itemsize == 2 else dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_half_precision_is_computed_in_float32(
+    fn: Callable[..., Tensor], dtype: torch.dtype
+) -> None:
+    # n = 4096: a hyperplane projection computed in bfloat16 misses the sum by ~0.1.
+    x = torch.rand(4, 4096, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = fn(x)
+    assert torch.equal(y, fn(x.float()).to(dtype))
+    assert_sums(y, 1.0, (-1,))
+
+
+def test_half_precision_tensor_total_is_computed_in_float32() -> None:
+    x = torch.rand(3, 4096, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    total = torch.tensor([[1.0], [2.5], [1e-2]], dtype=torch.bfloat16)
+    expected = project_simplex(x.float(), total.float()).to(torch.bfloat16)
+    assert torch.equal(project_simplex(x, total), expected)
+
+
+# ---------------------------------------------------------------------------
+# exact cases
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simplex_huge_magnitude_is_exact(dtype: torch.dtype) -> None:
+    x = torch.tensor([1e6, 0.0, 0.0], dtype=dtype)
+    assert torch.equal(project_simplex(x), torch.tensor([1.0, 0.0, 0.0], dtype=dtype))
+    assert torch.equal(project_simplex(-x), torch.tensor([0.0, 0.5, 0.5], dtype=dtype))
+    assert torch.equal(
+        project_box_sum(x, lower=0.0, upper=1.0), torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simplex_ties_are_split_evenly(dtype: torch.dtype) -> None:
+    x = torch.tensor([[2.0, 2.0, 2.0, 2.0], [3.0, 3.0, -1.0, -1.0], [0.0, 0.0, 0.0, 1.0]])
+    y = project_simplex(x.to(dtype), total=2.0)
+    expected = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 1.25]])
+    assert torch.equal(y, expected.to(dtype))
+
+
+def test_box_sum_ties_and_boundary_totals_are_exact() -> None:
+    x = torch.tensor([[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, -5.0, -5.0]])
+    y = project_box_sum(x, total=1.0, lower=-1.0, upper=1.0)
+    assert torch.equal(y, torch.tensor([[0.25] * 4, [1.0, 1.0, -0.5, -0.5]]))
+    # Totals on the boundary of feasibility leave exactly one point: every entry on a bound.
+    assert torch.equal(project_box_sum(x, total=4.0, lower=-1.0, upper=1.0), torch.ones(2, 4))
+    assert torch.equal(project_box_sum(x, total=-4.0, lower=-1.0, upper=1.0), -torch.ones(2, 4))
+    assert torch.equal(project_box_sum(x, total=4.0, upper=1.0), torch.ones(2, 4))
+    assert torch.equal(project_box_sum(x, total=-4.0, lower=-1.0), -torch.ones(2, 4))
+    assert torch.equal(project_box_sum(x, total=2.0, lower=0.5, upper=0.5), torch.full((2, 4), 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_negative_input_projects_onto_the_simplex(dtype: torch.dtype) -> None:
+    x = torch.tensor([[-5.0, -3.0, -10.0], [-1.0, -1.0, -4.0]], dtype=dtype)
+    y = project_simplex(x)
+    assert torch.equal(y, torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]], dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("fn", "bounds"),
+    [
+        (project_sum, {}),
+        (project_simplex, {}),
+        (project_box_sum, {}),
+        (project_box_sum, {"lower": -1.0}),
+        (project_box_sum, {"upper": 2.0}),
+        (project_box_sum, {"lower": -1.0, "upper": 2.0}),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_entry_slices_equal_the_total_exactly(
+    fn: Callable[..., Tensor], bounds: dict[str, float], dtype: torch.dtype
+) -> None:
+    # x + (total - x) rounds: 3 + (1.2e-7 - 3) is 0 in float32, not 1.2e-7.
+    x = torch.tensor([[3.0], [-1e6], [0.1], [7.5]], dtype=dtype)
+    total = torch.tensor([1.2e-7, 1e-3, 0.7, 1.5], dtype=dtype)
+    assert torch.equal(fn(x, total, **bounds), total.reshape(4, 1))
+    assert torch.equal(fn(x, 1e-3, **bounds), torch.full((4, 1), 1e-3, dtype=dtype))
+    assert torch.equal(
+        fn(x.reshape(4, 1, 1), 0.3, (1, 2), **bounds), torch.full((4, 1, 1), 0.3, dtype=dtype)
+    )
+
+
+def test_box_sum_on_the_feasibility_boundary_stays_within_the_bounds() -> None:
+    # With total = n * upper the set is one point; free entries computed as x - tau
+    # used to overshoot the bound by rounding.
+    x = 50.0 * torch.randn(200, 46, generator=torch.Generator().manual_seed(0))
+    for lower, upper in ((-0.5, 0.3), (-0.25, 0.4657)):
+        for total in (46 * upper, 46 * lower):
+            y = project_box_sum(x, total, lower=lower, upper=upper)
+            assert bool((y >= lower).all()) and bool((y <= upper).all())
+            assert_sums(y, total, (-1,))
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_zero_dim_tensor_equals_the_total(fn: Callable[..., Tensor]) -> None:
+    assert torch.equal(fn(torch.tensor(-4.0), 2.0, 0), torch.tensor(2.0))
+    assert torch.equal(fn(torch.tensor(9.0), torch.tensor(0.5), -1), torch.tensor(0.5))
+
+
+def test_project_sum_exact_values() -> None:
+    x = torch.tensor([[0.0, -1.0, 5.0], [1.0, 1.0, 1.0]])
+    expected = torch.tensor([[-1.0, -2.0, 4.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    total = torch.tensor([[1.0], [0.0]])
+    assert_matches_reference(project_sum(x, total), expected, x, total, (-1,))
+    # Entries keep their sign and magnitude when the sum is already right, even 0:
+    # no division by the sum, no sign flip.
+    k = torch.tensor([[1.0, -1.0], [-3.0, 3.0], [0.0, 0.0]])
+    assert torch.equal(project_sum(k, 0.0), k)
+    k = torch.tensor([[0.0, -1.0, 5.0, -3.0], [-2.0, -2.0, 0.5, 4.5]])
+    assert torch.equal(project_sum(k, 1.0), k)
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_dyadic_shift_is_exactly_invariant(fn: Callable[..., Tensor]) -> None:
+    x = torch.tensor([[0.5, -0.25, 1.75, 0.0], [3.0, -1.0, 0.125, 2.0]])
+    base = fn(x, 1.0) if fn is not project_box_sum else fn(x, 1.0, lower=-0.5, upper=0.75)
+    for c in (-64.0, 1024.0):
+        kwargs = {} if fn is not project_box_sum else {"lower": -0.5, "upper": 0.75}
+        assert torch.equal(fn(x + c, 1.0, **kwargs), base)
+
+
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_projections_are_shift_invariant(data: st.DataObject, dtype: torch.dtype) -> None:
+    shape, dim, dims = data.draw(shape_and_dim(max_ndim=3))
+    x = data.draw(tensors(shape, -10.0, 10.0)).to(dtype)
+    c = data.draw(finite_floats(-100.0, 100.0))
+    for fn, kwargs in (
+        (project_sum, {}),
+        (project_simplex, {}),
+        (project_box_sum, {"lower": -1.0, "upper": 2.0}),
+    ):
+        total = 1.0
+        shifted = fn(x + c, total, dim, **kwargs)
+        # The shift itself rounds x + c by up to eps * |c| per entry.
+        bound = (
+            16
+            * (4 + math.log2(x.numel()))
+            * torch.finfo(dtype).eps
+            * (slice_size(shape, dims) * (float(x.abs().max()) + abs(c)) + total)
+        )
+        assert float((shifted - fn(x, total, dim, **kwargs)).abs().max()) <= bound
+
+
+def test_zero_size_batch_keeps_its_shape() -> None:
+    for fn in PROJECTIONS:
+        y = fn(torch.zeros(0, 3))
+        assert y.shape == (0, 3)
+        y = fn(torch.zeros(2, 0, 3), torch.ones(2, 0, 1), dim=-1)
+        assert y.shape == (2, 0, 3)
+    assert float(sum_violation(torch.zeros(0, 3))) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# sum_violation
+# ---------------------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_sum_violation_is_the_largest_slice_deviation(data: st.DataObject) -> None:
+    shape, dim, dims = data.draw(shape_and_dim())
+    x = data.draw(tensors(shape, -10.0, 10.0))
+    total = data.draw(totals(shape, dims, -10.0, 10.0))
+    rows, _ = as_rows(x, dims)
+    expected = float((rows.sum(1, keepdim=True) - total_rows(total, x, dims)).abs().max())
+    assert math.isclose(float(sum_violation(x, total, dim)), expected, rel_tol=1e-12, abs_tol=1e-12)
+    assert float(sum_violation(project_sum(x, total, dim), total, dim)) <= tolerance(x, total, dims)
+
+
+# ---------------------------------------------------------------------------
+# gradients (float64 gradcheck)
+# ---------------------------------------------------------------------------
+
+
+def _generic_point(shape: tuple[int, ...], seed: int) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _kink_margin(x: Tensor, y: Tensor, total: float | Tensor, lower: float, upper: float) -> float:
+    """Distance of x - tau from the bounds: gradcheck needs it above its step."""
+    tau_candidates = torch.where((y > lower) & (y < upper), x - y, torch.nan)
+    tau = tau_candidates.nanmean(-1, keepdim=True)
+    z = x - tau
+    distance = torch.minimum((z - lower).abs(), (z - upper).abs())
+    return float(distance.min())
+
+
+@pytest.mark.parametrize("dim", [-1, 0, (0, 2), (-1, 1)])
+def test_project_sum_gradcheck_wrt_input_and_total(dim: int | tuple[int, ...]) -> None:
+    x = _generic_point((2, 3, 4), 0).requires_grad_()
+    keep = project_sum(x.detach(), 0.0, dim).sum(dim, keepdim=True).shape
+    total = _generic_point(tuple(keep), 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, t: project_sum(a, t, dim), (x, total))
+    assert torch.autograd.gradgradcheck(lambda a, t: project_sum(a, t, dim), (x, total))
+
+
+@pytest.mark.parametrize("dim", [-1, 0, (1, 2)])
+def test_project_simplex_gradcheck_at_generic_points(dim: int | tuple[int, ...]) -> None:
+    x = (2.0 * _generic_point((3, 4, 5), 2)).requires_grad_()
+    keep = project_sum(x.detach(), 0.0, dim).sum(dim, keepdim=True).shape
+    total = (1.0 + torch.rand(keep, dtype=torch.float64)).requires_grad_()
+    y = project_simplex(x.detach(), total.detach(), dim)
+    dims = (dim,) if isinstance(dim, int) else dim
+    rows, _ = as_rows(x.detach(), dims)
+    yrows, _ = as_rows(y, dims)
+    assert _kink_margin(rows, yrows, total, 0.0, math.inf) > 1e-4, "not a generic point"
+    assert torch.autograd.gradcheck(lambda a, t: project_simplex(a, t, dim), (x, total))
+
+
+def test_project_simplex_jacobian_is_the_support_projector() -> None:
+    x = torch.tensor([0.9, -2.0, 0.4, 0.7, -0.1], dtype=torch.float64)
+    y = project_simplex(x, 1.0)
+    support = y > 0
+    s = support.double()
+    expected = torch.diag(s) - torch.outer(s, s) / s.sum()
+    jac_x, jac_total = torch.autograd.functional.jacobian(
+        lambda a, t: project_simplex(a, t), (x, torch.tensor(1.0, dtype=torch.float64))
+    )
+    assert int(support.sum()) == 3
+    assert torch.allclose(jac_x, expected, atol=1e-12, rtol=0)
+    assert torch.allclose(jac_total, s / s.sum(), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("lower", "upper"), [(-0.4, 0.6), (0.0, math.inf), (-math.inf, 0.5)])
+def test_project_box_sum_gradcheck_at_generic_points(lower: float, upper: float) -> None:
+    x = (1.5 * _generic_point((4, 6), 3)).requires_grad_()
+    total = torch.linspace(0.5, 1.5, 4, dtype=torch.float64).reshape(4, 1).requires_grad_()
+    y = project_box_sum(x.detach(), total.detach(), -1, lower, upper)
+    assert bool(((y > lower) & (y < upper)).any(-1).all()), "every row needs a free entry"
+    assert _kink_margin(x.detach(), y, total, lower, upper) > 1e-4, "not a generic point"
+    assert torch.autograd.gradcheck(
+        lambda a, t: project_box_sum(a, t, -1, lower, upper), (x, total)
+    )
+
+
+def test_box_sum_gradient_is_zero_on_the_bounds() -> None:
+    x = torch.tensor([3.0, 0.0, 0.0, -4.0], dtype=torch.float64, requires_grad=True)
+    y = project_box_sum(x, 1.0, lower=-0.5, upper=0.8)
+    assert torch.equal(y.detach(), torch.tensor([0.8, 0.35, 0.35, -0.5], dtype=torch.float64))
+    (jac,) = torch.autograd.functional.jacobian(
+        lambda a: project_box_sum(a, 1.0, lower=-0.5, upper=0.8), (x.detach(),)
+    )
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[1:3, 1:3] = torch.tensor([[0.5, -0.5], [-0.5, 0.5]], dtype=torch.float64)
+    assert torch.allclose(jac, expected, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [*PROJECTIONS, sum_violation])
+@pytest.mark.parametrize("dim", [2, -3, (0, 5)])
+def test_out_of_range_dim_raises_index_error(fn: Callable[..., Tensor], dim: object) -> None:
+    with pytest.raises(IndexError, match=r"expected dim in range \[-2, 1\]"):
+        fn(torch.zeros(2, 3), 1.0, dim)
+
+
+@pytest.mark.parametrize("fn", [*PROJECTIONS, sum_violation])
+@pytest.mark.parametrize(
+    ("dim", "message"), [((0, 0), "distinct"), ((1, -1), "distinct"), ((), "at least one")]
+)
+def test_repeated_or_empty_dims_raise_value_error(
+    fn: Callable[..., Tensor], dim: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        fn(torch.zeros(2, 3), 1.0, dim)
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+@pytest.mark.parametrize("dim", [1.0, "0", None, True, (0, 1.5)])
+def test_non_integer_dim_raises_type_error(fn: Callable[..., Tensor], dim: object) -> None:
+    with pytest.raises(TypeError, match="expected dim"):
+        fn(torch.zeros(2, 3), 1.0, dim)
+
+
+@pytest.mark.parametrize("fn", [*PROJECTIONS, sum_violation])
+@pytest.mark.parametrize(
+    "total",
+    [
+        math.nan,
+        math.inf,
+        -math.inf,
+        torch.tensor([1.0, math.nan]),
+        torch.tensor([[math.inf], [1.0]]),
+    ],
+)
+def test_non_finite_total_raises_value_error(fn: Callable[..., Tensor], total: object) -> None:
+    with pytest.raises(ValueError, match="expected a finite total"):
+        fn(torch.zeros(2, 2), total)
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_total_of_wrong_shape_or_type_raises(fn: Callable[..., Tensor]) -> None:
+    with pytest.raises(ValueError, match=r"keepdim-reduced shape \(2, 1\)"):
+        fn(torch.zeros(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="keepdim-reduced shape"):
+        fn(torch.zeros(2, 3), torch.ones(2, 1, 1))
+    with pytest.raises(TypeError, match="expected total"):
+        fn(torch.zeros(2, 3), "1")
+    with pytest.raises(TypeError, match="expected total"):
+        fn(torch.zeros(2, 3), True)
+    with pytest.raises(TypeError, match="expected total to be a real tensor"):
+        fn(torch.zeros(2, 3), torch.ones(2, 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "total", [0.0, -1.0, torch.tensor([[1.0], [0.0]]), torch.tensor([-2.0, 1.0])]
+)
+def test_simplex_total_must_be_positive(total: object) -> None:
+    with pytest.raises(ValueError, match="expected total > 0"):
+        project_simplex(torch.zeros(2, 3), total)
+
+
+@pytest.mark.parametrize(
+    ("total", "lower", "upper", "message"),
+    [
+        (4.0, 1.5, math.inf, "n \\* lower <= total"),
+        (1.0, -math.inf, 0.2, "n \\* lower <= total"),
+        (torch.tensor([[1.0], [9.0]]), 0.0, 2.0, "got total=9"),
+        (1.0, 0.6, 0.4, "expected lower <= upper"),
+        (1.0, math.nan, 1.0, "expected lower to be a number"),
+        (1.0, 0.0, math.nan, "expected upper to be a number"),
+        (1.0, math.inf, math.inf, "expected lower < inf"),
+    ],
+)
+def test_infeasible_box_raises_value_error(
+    total: object, lower: float, upper: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        project_box_sum(torch.zeros(2, 3), total, lower=lower, upper=upper)
+
+
+@pytest.mark.parametrize("fn", [*PROJECTIONS, sum_violation])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_tensors_raise_type_error(
+    fn: Callable[..., Tensor], dtype: torch.dtype
+) -> None:
+    with pytest.raises(TypeError, match="expected x to be a floating point tensor"):
+        fn(torch.ones(2, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_non_tensor_input_raises_type_error(fn: Callable[..., Tensor]) -> None:
+    with pytest.raises(TypeError, match=r"expected x to be a torch\.Tensor, got list"):
+        fn([0.5, 0.5])
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_empty_slices_raise_value_error(fn: Callable[..., Tensor]) -> None:
+    with pytest.raises(ValueError, match="expected at least one element"):
+        fn(torch.zeros(3, 0))
+
+
+@pytest.mark.parametrize("fn", PROJECTIONS)
+def test_projections_never_return_nan_on_finite_input(fn: Callable[..., Tensor]) -> None:
+    big = torch.finfo(torch.float32).max / 4
+    x = torch.tensor([[big, -big, 0.0], [1e-30, -1e-30, 0.0], [0.0, 0.0, 0.0]])
+    y = fn(x)
+    assert bool(torch.isfinite(y).all())
+    assert_sums(y[1:], 1.0, (-1,))
