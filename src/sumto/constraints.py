@@ -145,6 +145,22 @@ class Constraint(nn.Module):
         eps = torch.finfo(x.dtype).eps
         return float((4.0 + math.log2(max(n, 1))) * eps * self._magnitude(x))
 
+    def _check_shape(self, x: Tensor) -> None:
+        """ValueError unless ``x`` has the shape bound at registration (no-op when unbound).
+
+        # Note [Sharded views]
+        FSDP1 with ``use_orig_params=True`` exposes, outside forward, a 1-D slice of
+        its flat shard as the pre-weights; a sum over it looks right and is wrong.
+        The check is a comparison of Python ints: no device sync, no graph break.
+        """
+        if self._shape is not None and tuple(x.shape) != self._shape:
+            raise ValueError(
+                f"expected the constrained tensor to have its registered shape {self._shape}, "
+                f"got shape {tuple(x.shape)}: a sharded view (FSDP1 exposes flat shards outside "
+                "forward) cannot be constrained; read it inside forward or under "
+                "FullyShardedDataParallel.summon_full_params"
+            )
+
     def _bind(self, tensor: Tensor) -> None:
         """Record and validate the shape and dtype of the tensor being constrained."""
         F._check_float_tensor(tensor, "the constrained tensor")
@@ -274,6 +290,7 @@ class AffineSum(_TotalMixin):
         super().__init__(total, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_shape(x)
         return self.project(x)
 
     def project(self, x: Tensor) -> Tensor:
@@ -356,11 +373,11 @@ class Simplex(_TotalMixin):
         self.temperature = float(temperature)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_shape(x)
         dims = self.dims(x.ndim)
         total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
         if self.method == "sparsemax":
-            scaled = x / self.temperature if self.temperature != 1.0 else x
-            return F._apply_rows(scaled, total, dims, F._project_simplex_rows)
+            return F._apply_rows(x, total, dims, _sparsemax_rows, self.temperature)
         if self.method == "softmax":
             return F._apply_rows(x, total, dims, _softmax_rows, self.temperature)
         return F._apply_rows(x, total, dims, _relu_rows)
@@ -400,8 +417,18 @@ class Simplex(_TotalMixin):
 
 
 def _softmax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Tensor:
-    scaled = rows / temperature if temperature != 1.0 else rows
-    return torch.softmax(scaled, dim=-1) * total
+    # Shifted by the row max before dividing, so that a small temperature cannot
+    # overflow finite logits to inf (inf - inf = nan inside softmax).
+    if temperature != 1.0:
+        rows = (rows - rows.detach().amax(-1, keepdim=True)) / temperature
+    return torch.softmax(rows, dim=-1) * total
+
+
+def _sparsemax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Tensor:
+    # Computed in the compute dtype, shifted before dividing (as in _softmax_rows).
+    if temperature != 1.0:
+        rows = (rows - rows.detach().amax(-1, keepdim=True)) / temperature
+    return F._project_simplex_rows(rows, total)
 
 
 def _relu_rows(rows: Tensor, total: Tensor | float) -> Tensor:
@@ -456,6 +483,7 @@ class BoxSum(_TotalMixin):
         F._check_box(self.total, n, self.lower, self.upper)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_shape(x)
         return self.project(x)
 
     def project(self, x: Tensor) -> Tensor:

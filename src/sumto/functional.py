@@ -193,12 +193,26 @@ def _total_rows(total: Tensor | float, x: Tensor, dims: tuple[int, ...]) -> Tens
 # ---------------------------------------------------------------------------
 
 
+def _sum_scale(n: int) -> float:
+    """The power of two ``s >= n`` that sums of ``n`` entries are scaled by.
+
+    # Note [Overflow-free sums]
+    A sum of finite entries near the dtype's max overflows, and then inf - inf gives
+    nan. Summing x / s instead, with s >= n, keeps every partial sum within the range;
+    as s is a power of two, the scaling is exact (barring subnormals) and the result
+    is bit-identical to the unscaled formula whenever that one does not overflow.
+    """
+    return float(1 << (n - 1).bit_length()) if n > 1 else 1.0
+
+
 def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
     n = _reduced_size(x.shape, dims)
     if x.ndim == 0 or n == 1:
         # A single entry is the total, exactly (x + (total - x) rounds).
         return torch.zeros_like(x) + total
-    return x + (total - x.sum(dims, keepdim=True)) / n
+    scale = _sum_scale(n)
+    shift = (total / scale - (x / scale).sum(dims, keepdim=True)) / (n / scale)
+    return x + shift
 
 
 def _simplex_threshold_sort(rows: Tensor, total: Tensor | float) -> Tensor:
@@ -233,7 +247,9 @@ def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
     Jacobian on the support, I_S - 1_S 1_S^T / |S|, in O(n) and without a sort, and
     the derivative 1_S / |S| with respect to ``total``.
     """
-    shifted = rows - rows.detach().amax(-1, keepdim=True)
+    # Clamped so that a spread beyond the dtype's range gives -max, never -inf
+    # (-inf * 0 = nan in the sums below); those entries are far outside the support.
+    shifted = (rows - rows.detach().amax(-1, keepdim=True)).clamp_min(-torch.finfo(rows.dtype).max)
     support = _simplex_support(shifted, total)
     mask = support.to(rows.dtype)
     count = mask.sum(-1, keepdim=True).clamp_min(1.0)
@@ -296,7 +312,7 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
         # A single entry is the total, exactly (x - (x - total) rounds).
         return torch.zeros_like(rows) + total
     if math.isinf(lower) and math.isinf(upper):
-        return rows + (total - rows.sum(-1, keepdim=True)) / n
+        return _project_sum(rows, total, (rows.ndim - 1,))
     if math.isinf(upper):
         return lower + _project_simplex_rows(rows - lower, total - n * lower)
     if math.isinf(lower):
@@ -340,7 +356,8 @@ def _sum_violation(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> T
     xc = x.to(_compute_dtype(x.dtype))
     if x.ndim == 0:
         return (xc - total).abs()
-    return _max_or_zero((xc.sum(dims, keepdim=True) - total).abs())
+    scale = _sum_scale(_reduced_size(x.shape, dims))
+    return _max_or_zero(((xc / scale).sum(dims, keepdim=True) - total / scale).abs()) * scale
 
 
 # ---------------------------------------------------------------------------
