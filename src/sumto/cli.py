@@ -1,0 +1,325 @@
+"""The ``sumto`` console command (also ``python -m sumto``).
+
+``sumto demo`` trains the library's main use cases on generated data and writes a
+summary and figures; it needs the optional ``demo`` extra (matplotlib, tqdm), which
+is imported only when the demo runs. ``sumto inspect CHECKPOINT`` lists the
+sumto-constrained tensors of a saved ``state_dict`` with their sums along the
+constrained dims, rebuilding each constraint from the configuration it saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import sumto
+from sumto.constraints import EXTRA_STATE_FORMAT, Constraint
+
+__all__ = ["main"]
+
+_PROG = "sumto"
+# <prefix>parametrizations.<name>.<index>._extra_state, prefix "" or "a.b."
+_EXTRA_STATE_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.(?P<index>\d+)\._extra_state$"
+)
+_MAX_NESTING = 3  # how deep ``inspect`` looks for state_dicts nested in a checkpoint dict
+_SHOWN_VALUES = 8
+
+
+class _InspectError(Exception):
+    """A problem with one constrained tensor of a checkpoint (reported, not fatal)."""
+
+
+def _error(command: str, message: str) -> None:
+    """One line on stderr, no traceback."""
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"{_PROG} {command}: error: {first_line}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# sumto inspect
+# ---------------------------------------------------------------------------
+
+
+def _load_failure(exc: Exception) -> str:
+    """The informative part of a ``torch.load`` error, as one short sentence."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # weights_only errors bury the reason after a long preamble
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "empty or truncated file"
+    reason = lines[0].split(". ")[0].rstrip(".")
+    if "Unsupported global" in reason:
+        reason += "; save model.state_dict(), not a pickled object"
+    return reason
+
+
+def _load_checkpoint(path: str) -> Mapping[str, Any]:
+    """Load a state_dict with ``weights_only=True``; ValueError with a one-line reason."""
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"expected an existing checkpoint file, got {path!r}: no such file")
+    if not file.is_file():
+        raise ValueError(f"expected a checkpoint file, got {path!r}: not a regular file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise ValueError(
+            f"expected a state_dict saved with torch.save, got an unreadable file {path!r} "
+            f"({type(exc).__name__}: {_load_failure(exc)})"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise ValueError(
+            f"expected a state_dict (a dict of name -> tensor) in {path!r}, "
+            f"got {type(state).__name__}"
+        )
+    return state
+
+
+def _state_dicts(state: Mapping[str, Any], label: str, depth: int) -> list[tuple[str, Any]]:
+    """``(label, mapping)`` for ``state`` and, if it has no sumto keys, nested dicts."""
+    if any(isinstance(k, str) and _EXTRA_STATE_KEY.match(k) for k in state):
+        return [(label, state)]
+    found: list[tuple[str, Any]] = []
+    if depth < _MAX_NESTING:
+        for key, value in state.items():
+            if isinstance(value, Mapping):
+                found += _state_dicts(value, f"{label}{key}/", depth + 1)
+    return found
+
+
+def _constraint_class(name: Any) -> type[Constraint]:
+    cls = getattr(sumto, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, Constraint)):
+        raise _InspectError(
+            f"expected a constraint class of this sumto version ({sumto.__version__}), "
+            f"got {name!r}; skipped"
+        )
+    return cls
+
+
+def _rebuild(state: Mapping[str, Any], base: str, extra: Any) -> Constraint:
+    """Rebuild the constraint saved under ``base`` (``...parametrizations.<name>.<i>.``)."""
+    if not isinstance(extra, Mapping) or extra.get("format") != EXTRA_STATE_FORMAT:
+        raise _InspectError(
+            f"expected sumto constraint state ({EXTRA_STATE_FORMAT}), got {extra!r}"
+        )
+    cls = _constraint_class(extra.get("class"))
+    config = extra.get("config")
+    if not isinstance(config, Mapping):
+        raise _InspectError(f"expected a config dict in the constraint state, got {config!r}")
+    own = {
+        key[len(base) :]: value
+        for key, value in state.items()
+        if key.startswith(base) and "." not in key[len(base) :]
+    }
+    kwargs: dict[str, Any] = {}
+    for key, value in config.items():
+        if value == "tensor":  # tensor-valued options are saved as buffers of that name
+            if not isinstance(own.get(key), Tensor):
+                raise _InspectError(f"expected a tensor entry {base + key!r}, got none")
+            value = own[key]
+        elif key == "dim" and isinstance(value, list):
+            value = tuple(value)
+        kwargs[str(key)] = value
+    try:
+        constraint = cls(**kwargs)
+        constraint.load_state_dict(dict(own), strict=True)
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:
+        raise _InspectError(
+            f"expected a loadable {cls.__name__} configuration, got {dict(config)} ({exc})"
+        ) from exc
+    return constraint
+
+
+def _format_values(values: Tensor) -> str:
+    flat = values.flatten().tolist()  # printing only: not a hot path
+    if len(flat) <= _SHOWN_VALUES:
+        return "[" + ", ".join(f"{v:.7g}" for v in flat) + "]"
+    head = ", ".join(f"{v:.7g}" for v in flat[:4])
+    tail = ", ".join(f"{v:.7g}" for v in flat[-2:])
+    return f"[{head}, ..., {tail}] (min {min(flat):.7g}, max {max(flat):.7g})"
+
+
+def _describe(state: Mapping[str, Any], prefix: str, name: str, indices: list[int]) -> list[str]:
+    """Lines describing one constrained tensor: its shape and sums per constraint."""
+    key = f"{prefix}{name}"
+    plist = f"{prefix}parametrizations.{name}"
+    original = state.get(f"{plist}.original")
+    if not isinstance(original, Tensor):
+        return [f"{key}: expected a tensor entry {plist + '.original'!r}, got none; skipped"]
+    lines = [f"{key}: shape {tuple(original.shape)}, dtype {str(original.dtype).split('.')[-1]}"]
+    value = original.detach()
+    try:
+        for index in range(max(indices) + 1):
+            if index not in indices:
+                raise _InspectError(
+                    f"parametrization {index} of {key!r} is not a sumto constraint and "
+                    "cannot be rebuilt from the checkpoint; skipped"
+                )
+            base = f"{plist}.{index}."
+            constraint = _rebuild(state, base, state[base + "_extra_state"])
+            try:
+                constraint._bind(value)
+                with torch.no_grad():
+                    value = constraint(value)
+            except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+                raise _InspectError(
+                    f"expected {key!r} to fit {type(constraint).__name__}, got {exc}"
+                ) from exc
+            dims = constraint.dims(value.ndim)
+            sums = value.double().sum(dims) if value.ndim > 0 else value.double()
+            violation = float(constraint.violation(value))
+            tolerance = constraint.tolerance(value)
+            verdict = "within" if violation <= tolerance else "OUTSIDE"
+            lines.append(f"  {type(constraint).__name__}({constraint.extra_repr()})")
+            lines.append(
+                f"  sums over dims {dims}, shape {tuple(sums.shape)}: {_format_values(sums)}"
+            )
+            lines.append(
+                f"  max violation {violation:.3g} ({verdict} the rounding tolerance "
+                f"{tolerance:.3g})"
+            )
+    except _InspectError as exc:
+        lines.append(f"  {exc}")
+    return lines
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        state = _load_checkpoint(args.checkpoint)
+    except ValueError as exc:
+        _error("inspect", str(exc))
+        return 1
+    found = _state_dicts(state, "", 0)
+    total = 0
+    out: list[str] = []
+    for label, sub in found:
+        tensors: dict[tuple[str, str], list[int]] = {}
+        for key in sub:
+            match = _EXTRA_STATE_KEY.match(key) if isinstance(key, str) else None
+            if match:
+                ident = (match["prefix"], match["name"])
+                tensors.setdefault(ident, []).append(int(match["index"]))
+        for (prefix, name), indices in sorted(tensors.items()):
+            lines = _describe(sub, prefix, name, sorted(indices))
+            out.append(label + lines[0])
+            out += lines[1:]
+            total += 1
+    plural = "" if total == 1 else "s"
+    if total == 0:
+        print(
+            f"{args.checkpoint}: no sumto-constrained tensors among {len(state)} entries "
+            "(a baked or plain checkpoint stores plain weights)"
+        )
+    else:
+        print(f"{args.checkpoint}: {total} sumto-constrained tensor{plural}")
+        print("\n".join(out))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# sumto demo
+# ---------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sumto._demo import MissingExtraError, format_table, run_demo
+
+    start = time.perf_counter()
+    try:
+        summary, files = run_demo(Path(args.out), steps=args.steps, seed=args.seed)
+    except MissingExtraError as exc:
+        _error("demo", str(exc))
+        return 1
+    except OSError as exc:
+        _error("demo", f"expected a writable output folder {args.out!r}, got {exc}")
+        return 1
+    print(format_table(summary))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    print(f"finished in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Learnable PyTorch weights that satisfy sum constraints by construction.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {sumto.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="learn fusion weights and a sharpening kernel on generated data",
+        description=(
+            "Run three experiments on generated data (fusion weights, a sharpening kernel "
+            "compared with softmax and divide-by-sum, missing inputs), print a table and "
+            "write DIR/summary.json and PNG figures. Needs the 'demo' extra: "
+            "pip install 'sumto[demo]'."
+        ),
+    )
+    demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
+    demo.add_argument(
+        "--steps", type=_positive_int, default=400, metavar="N", help="optimiser steps per run"
+    )
+    demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    demo.set_defaults(handler=_demo)
+    inspect = commands.add_parser(
+        "inspect",
+        help="list the sumto-constrained tensors of a saved state_dict and their sums",
+        description=(
+            "Load a state_dict (torch.load with weights_only=True) and print, for every "
+            "sumto-constrained tensor, its shape and its sums along the constrained dims."
+        ),
+    )
+    inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="file written by torch.save")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``sumto`` command line and return its exit status.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        0 on success, 1 when a command fails (one-line message on stderr), 2 for a
+        usage error.
+
+    Example:
+        >>> from sumto.cli import main
+        >>> main(["--version"])  # doctest: +ELLIPSIS
+        sumto ...
+        0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    status: int = args.handler(args)
+    return status
