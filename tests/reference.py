@@ -50,7 +50,9 @@ def ref_project_sum(x: Tensor, total: float | Tensor = 1.0, dims: Sequence[int] 
     return from_rows(rows + (t - rows.sum(1, keepdim=True)) / rows.shape[1], shape, dims)
 
 
-def ref_project_simplex(x: Tensor, total: float | Tensor = 1.0, dims: Sequence[int] = (-1,)) -> Tensor:
+def ref_project_simplex(
+    x: Tensor, total: float | Tensor = 1.0, dims: Sequence[int] = (-1,)
+) -> Tensor:
     """Sort-based projection (Held et al. 1974 / Duchi et al. 2008), one row at a time, float64."""
     rows, shape = as_rows(x, dims)
     t = total_rows(total, x, dims)
@@ -86,7 +88,13 @@ def ref_project_box_sum(
     n = rows.shape[1]
     if math.isinf(lower) and math.isinf(upper):
         return ref_project_sum(x, total, dims)
-    span = float(rows.abs().max()) + float(t.abs().max()) + abs(lower if math.isfinite(lower) else 0) + abs(upper if math.isfinite(upper) else 0) + 1.0
+    span = (
+        float(rows.abs().max())
+        + float(t.abs().max())
+        + abs(lower if math.isfinite(lower) else 0)
+        + abs(upper if math.isfinite(upper) else 0)
+        + 1.0
+    )
     left = torch.full_like(t, -2 * span - 1)
     right = torch.full_like(t, 2 * span + 1)
     for _ in range(iters):
@@ -100,7 +108,9 @@ def ref_project_box_sum(
     free = (rows - tau > lower) & (rows - tau < upper)
     nfree = free.sum(1, keepdim=True)
     fixed = torch.where(free, torch.zeros_like(y), y).sum(1, keepdim=True)
-    exact_tau = (torch.where(free, rows, torch.zeros_like(rows)).sum(1, keepdim=True) - (t - fixed)) / nfree.clamp_min(1)
+    exact_tau = (
+        torch.where(free, rows, torch.zeros_like(rows)).sum(1, keepdim=True) - (t - fixed)
+    ) / nfree.clamp_min(1)
     y = torch.where(free & (nfree > 0), rows - exact_tau, y)
     del n
     return from_rows(y, shape, dims)
@@ -124,7 +134,9 @@ def assert_sums(x: Tensor, total: float | Tensor, dims: Sequence[int], k: float 
     assert err <= tol, f"max |sum - total| = {err:.3g} exceeds tolerance {tol:.3g} ({x.dtype})"
 
 
-def assert_close_scaled(actual: Tensor, expected: Tensor, k: float = 8.0, dtype: torch.dtype | None = None) -> None:
+def assert_close_scaled(
+    actual: Tensor, expected: Tensor, k: float = 8.0, dtype: torch.dtype | None = None
+) -> None:
     """|actual - expected| <= k * eps(dtype) * max(1, max|expected|) elementwise-max."""
     dtype = dtype or actual.dtype
     scale = max(1.0, float(expected.double().abs().max())) if expected.numel() else 1.0

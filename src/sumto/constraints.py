@@ -362,12 +362,9 @@ class Simplex(_TotalMixin):
         F._check_positive(self.total, "total")
         if method not in _SIMPLEX_METHODS:
             raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"expected temperature to be a float, got {type(temperature).__name__}")
+        if not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"expected a finite temperature > 0, got {temperature!r}")
         self.method: SimplexMethod = method
         self.temperature = float(temperature)

@@ -48,6 +48,8 @@ def _check_dim_spec(dim: Dim) -> tuple[int, ...]:
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, int):
             raise TypeError(f"expected dim to be an int or a tuple of ints, got {dim!r}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"expected distinct dims, got repeated dims in {dim!r}")
     return dims
 
 
