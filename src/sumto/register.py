@@ -9,6 +9,7 @@ checkpoints (key ``<name>``) load into the constrained module.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -108,6 +109,7 @@ def constrain(
         tensor.copy_(value)
     parametrize.register_parametrization(module, name, constraint)
     _install_load_hook(module)
+    _install_copy_hooks(module)
     return module
 
 
@@ -300,6 +302,51 @@ def _install_load_hook(module: nn.Module) -> None:
         object.__setattr__(module, "_sumto_load_hook_installed", True)
 
 
+def _refuse_pickle(self: nn.Module) -> Any:
+    names = [f"{type(self).__name__}.{name}" for name in _sumto_names(self)]
+    raise RuntimeError(
+        f"expected a module without sumto parametrizations to pickle, got {names}: "
+        "torch.save(model), pickle and copy.copy cannot serialize parametrized modules. "
+        "Save model.state_dict() and load it into a model built with the same constraints, "
+        "or call sumto.bake(model) first to save a plain module (copy.deepcopy works)"
+    )
+
+
+def _deepcopy_with_own_class(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy`` of a parametrized module whose copy gets its own class.
+
+    # Note [Copies of parametrized modules]
+    torch's injected class is shared by a module and its deep copies, and its
+    properties key ``parametrize.cached()`` on the *source* module (a closure): a copy
+    read inside ``cached()`` returns the source's weight, and ``bake(copy)`` deletes
+    the source's properties. The copy gets a sibling class with properties of its own.
+    """
+    existing = memo.get(id(self))
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+    cls = type(self)
+    replica = cls.__new__(cls)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    plists: Any = self.parametrizations
+    names = list(plists.keys())
+    own = {k: v for k, v in cls.__dict__.items() if k not in (*names, "__dict__", "__weakref__")}
+    replica.__class__ = type(cls.__name__, cls.__bases__, own)
+    for name in names:
+        parametrize._inject_property(replica, name)  # type: ignore[no-untyped-call]
+    return replica
+
+
+def _install_copy_hooks(module: nn.Module) -> None:
+    """Pickling names ``state_dict`` and ``sumto.bake``; deep copies get their own class."""
+    cls = type(module)  # the Parametrized<Class> torch made for this module alone
+    if cls.__dict__.get("__getstate__") is _refuse_pickle:
+        return
+    setattr(cls, "__getstate__", _refuse_pickle)  # noqa: B010
+    if "__deepcopy__" in cls.__dict__:  # torch's default one: the class has no own
+        setattr(cls, "__deepcopy__", _deepcopy_with_own_class)  # noqa: B010
+
+
 def bake(module: nn.Module) -> nn.Module:
     """Remove every sumto parametrization in the module tree, keeping the constrained values.
 
@@ -351,6 +398,10 @@ def check(module: nn.Module) -> dict[str, float]:
             for name in _sumto_names(sub):
                 plist = _plist(sub, name)
                 value = plist.original
+                # FSDP2 (DTensor): check the whole tensor, never a shard (a collective).
+                full_tensor = getattr(value, "full_tensor", None)
+                if callable(full_tensor):
+                    value = full_tensor()
                 worst = 0.0
                 for p in plist:
                     value = p(value)
