@@ -9,19 +9,25 @@ maps live in :mod:`sumto.functional`.
 from sumto import functional
 from sumto._version import __version__
 from sumto.constraints import AffineSum, BoxSum, Constraint, Simplex
+from sumto.linear import LinearEquality, bayar, linear_equality
 from sumto.register import bake, box_sum, check, constrain, simplex, sum_to
+from sumto.step import project_on_step
 
 __all__ = [
     "AffineSum",
     "BoxSum",
     "Constraint",
+    "LinearEquality",
     "Simplex",
     "__version__",
     "bake",
+    "bayar",
     "box_sum",
     "check",
     "constrain",
     "functional",
+    "linear_equality",
+    "project_on_step",
     "simplex",
     "sum_to",
 ]

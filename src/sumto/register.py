@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from sumto.constraints import AffineSum, BoxSum, Constraint, Simplex, SimplexMethod
 from sumto.functional import Dim, Total
+from sumto.step import _projected_report
 
 __all__ = ["bake", "box_sum", "check", "constrain", "simplex", "sum_to"]
 
@@ -377,6 +378,9 @@ def bake(module: nn.Module) -> nn.Module:
 def check(module: nn.Module) -> dict[str, float]:
     """Max violation of every sumto-constrained tensor in the module tree.
 
+    Parameters kept on a set by :func:`sumto.project_on_step` are included while
+    their projection is active.
+
     Non-finite tensors are reported as ``nan`` (any NaN entry) or ``inf``.
 
     Args:
@@ -411,4 +415,5 @@ def check(module: nn.Module) -> dict[str, float]:
                             break
                         worst = max(worst, float(p.violation(value)))
                 report[f"{prefix}.{name}" if prefix else name] = worst
+    report.update(_projected_report(module))  # parameters managed by project_on_step
     return report
