@@ -10,6 +10,7 @@ from sumto import functional
 from sumto._version import __version__
 from sumto.constraints import AffineSum, BoxSum, Constraint, Simplex
 from sumto.linear import LinearEquality, bayar, linear_equality
+from sumto.nn import WeightedSum
 from sumto.register import bake, box_sum, check, constrain, simplex, sum_to
 from sumto.step import project_on_step
 
@@ -19,6 +20,7 @@ __all__ = [
     "Constraint",
     "LinearEquality",
     "Simplex",
+    "WeightedSum",
     "__version__",
     "bake",
     "bayar",

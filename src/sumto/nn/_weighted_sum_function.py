@@ -1,0 +1,165 @@
+"""Fused autograd path of :class:`sumto.WeightedSum`: ``bias + sum_k c_k * x_k``.
+
+The forward reads every input once and allocates only the output; the backward
+allocates only the gradients it returns. No op synchronises with the device, so the
+path traces as one graph under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__: list[str] = []
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 inputs are accumulated in float32."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _sum_dims(like: Tensor, target_shape: Sequence[int]) -> list[int]:
+    """Dims of ``like`` along which a tensor of ``target_shape`` was broadcast.
+
+    ``target_shape`` is ``()`` (a scalar) or has ``like.ndim`` dims.
+    """
+    if len(target_shape) == 0:
+        return list(range(like.ndim))
+    return [d for d in range(like.ndim) if target_shape[d] == 1 and like.shape[d] != 1]
+
+
+def _reduce_to(product: Tensor, target_shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Sum ``product`` over its broadcast dims into ``target_shape`` (a new tensor)."""
+    dims = _sum_dims(product, target_shape)
+    if len(dims) == 0:
+        return product.to(dtype=dtype, copy=True).reshape(target_shape)
+    return product.sum(dims, keepdim=len(target_shape) > 0, dtype=dtype).reshape(target_shape)
+
+
+class _WeightedSumFunction(torch.autograd.Function):
+    """``out = bias + sum_k coefficients[k] * inputs[k]`` with a hand-written backward.
+
+    ``coefficients`` has shape ``(K, *w)`` with ``w == ()`` (one scalar per input) or
+    ``len(w) == inputs[k].ndim`` (broadcast along the dims where ``w`` is 1).
+    ``bias`` is ``None``, 0-d, or broadcastable with ``inputs[k].ndim`` dims.
+    With ``stacked=True``, ``inputs`` is one tensor of shape ``(K, *shape)``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        coefficients: Tensor,
+        bias: Tensor | None,
+        stacked: bool,
+        *inputs: Tensor,
+    ) -> Tensor:
+        xs: Sequence[Tensor] = inputs[0].unbind(0) if stacked else inputs
+        x0 = xs[0]
+        acc_dtype = _accumulate_dtype(x0.dtype)
+        coeff = coefficients.to(acc_dtype)
+        if x0.dtype in _HALF and coeff.ndim == 1:
+            # A 0-d float32 factor would not promote a bfloat16 product to float32.
+            coeff = coeff.reshape(coeff.shape[0], *([1] * x0.ndim))
+        cs = coeff.unbind(0)
+        first = cs[0]
+        acc = torch.mul(x0, first) if bias is None else torch.addcmul(bias.to(acc_dtype), x0, first)
+        for x, c in zip(xs[1:], cs[1:], strict=True):
+            acc.addcmul_(x, c)
+        out = acc if acc.dtype == x0.dtype else acc.to(x0.dtype)
+
+        ctx.stacked = stacked
+        ctx.coefficient_shape = tuple(coefficients.shape)
+        ctx.coefficient_dtype = coefficients.dtype
+        ctx.bias_shape = None if bias is None else tuple(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        need_coefficients = ctx.needs_input_grad[0]
+        need_inputs = any(ctx.needs_input_grad[3:])
+        # Save only what the backward reads: the inputs for the coefficients' gradient,
+        # the coefficients for the inputs' gradient (references, never copies).
+        ctx.save_for_backward(
+            coefficients if need_inputs else None,
+            *(inputs if need_coefficients else (None,) * len(inputs)),
+        )
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        coefficients, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        acc_dtype = _accumulate_dtype(grad.dtype)
+        w_shape = ctx.coefficient_shape[1:]
+        k = ctx.coefficient_shape[0]
+
+        grad_coefficients = None
+        if need[0]:
+            grad_coefficients = _coefficient_grad(grad, saved, ctx.stacked, w_shape, k, acc_dtype)
+            grad_coefficients = grad_coefficients.to(ctx.coefficient_dtype)
+
+        grad_bias = None
+        if need[1]:
+            grad_bias = _reduce_to(grad, ctx.bias_shape, acc_dtype).to(ctx.bias_dtype)
+
+        grad_inputs: list[Tensor | None] = [None] * (len(need) - 3)
+        if any(need[3:]):
+            coeff = coefficients.to(grad.dtype)
+            if ctx.stacked:
+                view = coeff.reshape(k, *([1] * grad.ndim)) if len(w_shape) == 0 else coeff
+                grad_inputs[0] = torch.mul(view, grad.unsqueeze(0))
+            else:
+                for i, c in enumerate(coeff.unbind(0)):
+                    if need[3 + i]:
+                        grad_inputs[i] = torch.mul(grad, c)
+        return (grad_coefficients, grad_bias, None, *grad_inputs)
+
+
+def _coefficient_grad(
+    grad: Tensor,
+    saved: Sequence[Tensor],
+    stacked: bool,
+    w_shape: tuple[int, ...],
+    k: int,
+    acc_dtype: torch.dtype,
+) -> Tensor:
+    """``sum over broadcast dims of grad * x_k`` for every k, shape ``(K, *w_shape)``."""
+    scalar = len(w_shape) == 0 or all(s == 1 for s in w_shape)
+    plain = grad.dtype == acc_dtype and grad.is_contiguous()
+    if stacked:
+        stack = saved[0]
+        if scalar and plain and stack.is_contiguous():
+            # One matrix-vector product reads the stack once.
+            return torch.mv(stack.reshape(k, -1), grad.reshape(-1)).reshape(k, *w_shape)
+        xs: Sequence[Tensor] = stack.unbind(0)
+    else:
+        xs = saved
+    if scalar and plain and all(x.is_contiguous() for x in xs):
+        flat = grad.reshape(-1)
+        dots = [torch.dot(flat, x.reshape(-1)) for x in xs]
+        return torch.stack(dots).reshape(k, *w_shape)
+    # General case: one scratch product reused for every input, then reduced.
+    scratch = torch.empty(grad.shape, dtype=acc_dtype, device=grad.device)
+    parts = []
+    for x in xs:
+        torch.mul(grad, x, out=scratch)
+        parts.append(_reduce_to(scratch, w_shape, acc_dtype))
+    return torch.stack(parts)
+
+
+def weighted_sum(
+    coefficients: Tensor, inputs: Sequence[Tensor] | Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """``bias + sum_k coefficients[k] * inputs[k]`` through the fused autograd path.
+
+    No validation: callers (``WeightedSum.forward``) check shapes and dtypes.
+    """
+    if isinstance(inputs, Tensor):
+        result: Tensor = _WeightedSumFunction.apply(coefficients, bias, True, inputs)  # type: ignore[no-untyped-call]
+    else:
+        result = _WeightedSumFunction.apply(coefficients, bias, False, *inputs)  # type: ignore[no-untyped-call]
+    return result

@@ -1,0 +1,568 @@
+"""``WeightedSum``: learnable fusion of K tensors with simplex or affine mixing weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter, is_lazy
+
+from sumto import functional as F
+from sumto.constraints import _SIMPLEX_METHODS, AffineSum, Simplex, SimplexMethod
+from sumto.nn._weighted_sum_function import weighted_sum
+from sumto.register import _install_load_hook, constrain
+
+__all__ = ["WeightedSum"]
+
+WeightKind = Literal["simplex", "affine"]
+Inputs = Sequence[Tensor] | Tensor | Mapping[str, Tensor]
+_WEIGHT_KINDS = ("simplex", "affine")
+_ORIGINAL = "parametrizations.weights.original"
+
+
+class WeightedSum(LazyModuleMixin, nn.Module):
+    r"""Learnable weighted sum of K tensors whose mixing weights satisfy a sum constraint.
+
+    .. math::
+        y = \gamma \sum_{k=1}^{K} w_k\, x_k + b, \qquad
+        w \in \{ w : w_k \ge 0,\ \textstyle\sum_k w_k = 1 \}\ (\text{simplex})
+        \ \text{or}\ \{ w : \textstyle\sum_k w_k = 1 \}\ (\text{affine})
+
+    with a learnable scalar :math:`\gamma` (``scale=True``, else 1) and bias :math:`b`
+    (``bias=True``, else 0). The weights are a :class:`sumto.Simplex` or
+    :class:`sumto.AffineSum` parametrization over K (key
+    ``parametrizations.weights.original`` in the state_dict), so ``init`` is exact.
+    With ``channels=C`` there is one weight vector per channel, shape ``(K, C)``,
+    each column summing to 1, broadcast along ``channel_dim`` of the inputs.
+    Batched: the inputs may have any shape, shared by all K of them.
+
+    The sum runs through a custom autograd function that reads each input once and
+    allocates only the output (no ``torch.stack``); its backward allocates only the
+    gradients it returns. Nothing synchronises with the device, so the module runs
+    under ``torch.compile(fullgraph=True)``. float16/bfloat16 inputs are accumulated
+    in float32 (one float32 buffer of the output's size) and returned in their dtype.
+
+    Missing inputs (a ``dict`` with a subset of ``names``, or ``mask``) get weight 0
+    and the present weights are renormalised per row: simplex weights are rescaled to
+    sum to 1 (for ``method="softmax"`` this is the masked softmax of the pre-weights;
+    for ``"sparsemax"``, whose present weights may all be exactly 0, the present
+    pre-weights are projected onto the simplex, a masked sparsemax); affine weights
+    are shifted by spreading the deficit :math:`1 - \sum_{k \in P} w_k` equally over
+    the present set :math:`P`. Masked inputs are still read (multiplied by 0), so they
+    must be finite; a ``dict`` subset reads only the inputs it holds.
+
+    Lazy sizing: with neither ``num_inputs``, ``names`` nor ``init``, K is taken from
+    the first call, following :class:`torch.nn.modules.lazy.LazyModuleMixin`: the
+    weights are an ``UninitializedParameter`` until then, so create the optimizer
+    *after* the first call (or a dry run). A later call with another K raises
+    ValueError. A state_dict of a sized module loads into an unsized one.
+
+    Args:
+        num_inputs: K, the number of inputs; ``None`` to take it from ``names``,
+            ``init`` or the first call.
+        names: Names of the K inputs, enabling ``dict`` inputs (and subsets of them).
+        weights: ``"simplex"`` (non-negative, sum 1) or ``"affine"`` (any sign, sum 1).
+        method: Map of :class:`sumto.Simplex` (``"softmax"``, ``"sparsemax"`` or
+            ``"relu"``); only ``"softmax"`` (the default, unused) with ``"affine"``.
+        init: K initial constrained weights, set exactly, shape ``(K,)`` or
+            ``(K, C)``; default uniform ``1/K``. Softmax maps a 0 entry to
+            ``eps(dtype)``, its closest reachable value.
+        scale: Learn a scalar :math:`\gamma` (initialised to 1) multiplying the sum.
+        bias: Learn a bias added after the sum: a scalar, or one per channel.
+        channels: C, to learn one weight vector per channel (shape ``(K, C)``).
+        channel_dim: Dim of each input holding the C channels.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``num_inputs`` < 1, ``names`` are empty or repeated, K from
+            ``num_inputs``, ``names`` and ``init`` disagree, ``weights``/``method``
+            is unknown, ``channels`` < 1, or ``init`` has the wrong shape or is off
+            the set.
+
+    Example:
+        >>> import torch
+        >>> import sumto
+        >>> mix = sumto.WeightedSum(3, init=[0.2, 0.3, 0.5])
+        >>> mix.weights
+        tensor([0.2000, 0.3000, 0.5000], grad_fn=<...>)
+        >>> xs = [torch.full((2, 4), float(k)) for k in range(3)]
+        >>> mix(xs)
+        tensor([[1.3000, 1.3000, 1.3000, 1.3000],
+                [1.3000, 1.3000, 1.3000, 1.3000]], grad_fn=<...>)
+        >>> named = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5])
+        >>> named({"a": xs[0], "c": xs[2]})[0, 0]  # (0.2 * 0 + 0.5 * 2) / 0.7
+        tensor(1.4286, grad_fn=<...>)
+    """
+
+    weights: Tensor
+    scale: Tensor | None
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        num_inputs: int | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        weights: WeightKind = "simplex",
+        method: SimplexMethod = "softmax",
+        init: Sequence[float] | Tensor | None = None,
+        scale: bool = False,
+        bias: bool = False,
+        channels: int | None = None,
+        channel_dim: int = 1,
+    ) -> None:
+        super().__init__()
+        self.kind: WeightKind = _check_kind(weights, method)
+        self.method: SimplexMethod = method
+        self.names: tuple[str, ...] | None = _check_names(names)
+        self.channels: int | None = _check_channels(channels)
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"expected channel_dim to be an int, got {channel_dim!r}")
+        self.channel_dim = channel_dim
+        for flag_name, flag in (("scale", scale), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"expected {flag_name} to be a bool, got {flag!r}")
+        init_value = _check_init(init, channels)
+        self.num_inputs: int | None = _resolve_count(num_inputs, self.names, init_value)
+
+        _install_load_hook(self)  # before any load: hooks cannot be added during one
+        if self.num_inputs is None:
+            self.weights = UninitializedParameter()
+        else:
+            self._create_weights(self.num_inputs, init_value)
+        self.scale = nn.Parameter(torch.ones(())) if scale else None
+        bias_shape = () if channels is None else (channels,)
+        self.bias = nn.Parameter(torch.zeros(bias_shape)) if bias else None
+
+    # -- sizing ---------------------------------------------------------------
+    def _create_weights(self, k: int, init: Tensor | None) -> None:
+        """Register the constrained ``(K,)`` or ``(K, C)`` weights with value ``init``."""
+        shape = (k,) if self.channels is None else (k, self.channels)
+        current = self._parameters.get("weights")
+        if isinstance(current, UninitializedParameter):
+            current.materialize(shape)  # keeps the placeholder's device and dtype
+        else:
+            self.weights = nn.Parameter(torch.empty(shape))
+        if init is None:
+            value = torch.full(shape, 1.0 / k)
+        elif init.ndim == 1 and self.channels is not None:
+            value = init.unsqueeze(1).expand(shape)
+        else:
+            value = init
+        if tuple(value.shape) != shape:
+            raise ValueError(f"expected init of shape {shape} for K={k}, got {tuple(value.shape)}")
+        constraint: Simplex | AffineSum
+        if self.kind == "simplex":
+            constraint = Simplex(dim=0, method=self.method)
+        else:
+            constraint = AffineSum(dim=0)
+        constrain(self, "weights", constraint, init=value)
+        self._temperature = constraint.temperature if isinstance(constraint, Simplex) else 1.0
+        self.num_inputs = k
+
+    def initialize_parameters(self, inputs: Inputs, mask: Tensor | None = None) -> None:
+        """Size the weights from the first call's inputs (LazyModuleMixin hook).
+
+        Args:
+            inputs: The first call's inputs; K is their number.
+            mask: Unused.
+
+        Raises:
+            TypeError: If ``inputs`` is not a list, tuple or stacked tensor.
+            ValueError: If there are no inputs.
+        """
+        if self.num_inputs is not None:
+            return
+        if isinstance(inputs, Tensor):
+            if inputs.ndim == 0:
+                raise ValueError("expected a stacked tensor of shape (K, ...), got a 0-d tensor")
+            k = inputs.shape[0]
+        elif isinstance(inputs, (list, tuple)):
+            k = len(inputs)
+        else:
+            raise TypeError(_inputs_type_message(inputs, self.names))
+        if k < 1:
+            raise ValueError("expected at least one input to size the weights, got none")
+        with torch.no_grad():
+            self._create_weights(k, None)
+
+    def _lazy_load_hook(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Size an unsized module from a checkpoint (constrained or baked plain key)."""
+        if self.num_inputs is not None:
+            return
+        for key in (prefix + _ORIGINAL, prefix + "weights"):
+            value = state_dict.get(key)
+            if isinstance(value, Tensor) and value.ndim >= 1 and not is_lazy(value):
+                with torch.no_grad():
+                    self._create_weights(value.shape[0], None)
+                return
+
+    # -- forward ----------------------------------------------------------------
+    def forward(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
+        """Weighted sum of the inputs.
+
+        Args:
+            inputs: A list/tuple of K tensors of identical shape, one tensor of shape
+                ``(K, ...)`` stacked along dim 0, or (with ``names``) a dict
+                name -> tensor holding all names or a subset of them.
+            mask: Optional bool tensor ``(K,)`` or ``(B, K)`` (``B`` = size of the
+                inputs' dim 0): False marks an absent input, per row.
+
+        Returns:
+            Tensor of the inputs' shape and dtype.
+
+        Raises:
+            KeyError: If a dict key is not one of ``names``.
+            TypeError: If ``inputs`` or ``mask`` has the wrong type or dtype.
+            IndexError: If ``channel_dim`` is out of range for the inputs.
+            ValueError: If the number of inputs differs from K, their shapes or
+                devices differ, the channel size is not C, ``mask`` has the wrong
+                shape, or (eager mode) a mask row has no input present.
+        """
+        tensors, present = self._parse_inputs(inputs)
+        first = tensors[0]
+        shape = tuple(first.shape)
+        channel_dim = self._channel_dim(shape)
+        row_mask = None if mask is None else self._check_mask(mask, shape, first.device, present)
+        coefficients = self._coefficients(present, row_mask, first.dtype)
+        coefficients = self._broadcast_coefficients(coefficients, row_mask, shape, channel_dim)
+        bias = self.bias
+        if bias is not None and bias.ndim == 1:
+            view = [1] * len(shape)
+            view[channel_dim] = bias.shape[0]
+            bias = bias.reshape(view)
+        return weighted_sum(coefficients, tensors, bias)
+
+    def _parse_inputs(self, inputs: Inputs) -> tuple[Sequence[Tensor] | Tensor, list[int] | None]:
+        """Validate the inputs: (the tensors or stacked tensor, present indices or None)."""
+        k = self.num_inputs
+        if k is None:  # only reachable when forward is called without the lazy hook
+            raise ValueError("expected a sized WeightedSum, got one whose K is not set yet")
+        present: list[int] | None = None
+        if isinstance(inputs, Mapping) and self.names is not None:
+            unknown = [key for key in inputs if key not in self.names]
+            if unknown:
+                raise KeyError(f"expected input names among {list(self.names)}, got {unknown!r}")
+            if len(inputs) == 0:
+                raise ValueError(
+                    f"expected at least one of the inputs {list(self.names)}, got {{}}"
+                )
+            present = [i for i, name in enumerate(self.names) if name in inputs]
+            tensors: Sequence[Tensor] = [inputs[self.names[i]] for i in present]
+            if len(present) == k:
+                present = None
+        elif isinstance(inputs, (list, tuple)):
+            if len(inputs) != k:
+                raise ValueError(f"expected {k} inputs, got {len(inputs)}")
+            tensors = inputs
+        elif isinstance(inputs, Tensor):
+            if inputs.ndim == 0 or inputs.shape[0] != k:
+                raise ValueError(
+                    f"expected a stacked tensor of shape ({k}, ...), got shape {tuple(inputs.shape)}"
+                )
+            F._check_float_tensor(inputs, "the stacked inputs")
+            return inputs, None
+        else:
+            raise TypeError(_inputs_type_message(inputs, self.names))
+        _check_same(tensors, present)
+        return tensors, present
+
+    def _channel_dim(self, shape: tuple[int, ...]) -> int:
+        """Normalised channel dim for inputs of ``shape`` (-1 when not per-channel)."""
+        if self.channels is None:
+            return -1
+        ndim = len(shape)
+        if not -ndim <= self.channel_dim < ndim:
+            raise IndexError(
+                f"expected channel_dim in range [{-ndim}, {ndim - 1}] for inputs of shape "
+                f"{shape}, got {self.channel_dim}"
+            )
+        dim = self.channel_dim % ndim
+        if shape[dim] != self.channels:
+            raise ValueError(
+                f"expected inputs with {self.channels} channels along dim {self.channel_dim}, "
+                f"got shape {shape}"
+            )
+        return dim
+
+    def _check_mask(
+        self, mask: Tensor, shape: tuple[int, ...], device: torch.device, present: list[int] | None
+    ) -> Tensor:
+        """Validate ``mask`` and restrict it to the present inputs: (K',) or (B, K')."""
+        k = self.num_inputs
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"expected mask to be a bool tensor, got {got}")
+        if mask.ndim == 2 and len(shape) == 0:
+            raise ValueError(
+                f"expected a mask of shape ({k},) for 0-d inputs, got {tuple(mask.shape)}"
+            )
+        batch = shape[0] if len(shape) > 0 else None
+        if not (mask.shape == (k,) or (mask.ndim == 2 and mask.shape == (batch, k))):
+            raise ValueError(
+                f"expected mask of shape ({k},) or ({batch}, {k}) for inputs of shape {shape}, "
+                f"got shape {tuple(mask.shape)}"
+            )
+        if mask.ndim == 2 and self.channels is not None and self._channel_dim(shape) == 0:
+            raise ValueError(
+                "expected channel_dim != 0 with a per-row (B, K) mask (both index dim 0), "
+                f"got channel_dim={self.channel_dim}"
+            )
+        if mask.device != device:
+            raise ValueError(f"expected mask on the inputs' device {device}, got {mask.device}")
+        if present is not None:
+            mask = torch.stack([mask[..., i] for i in present], dim=-1)
+        # Note [Empty mask rows]: detecting a row with no input present needs the mask's
+        # values on the host. Eager mode checks it (a device sync when the mask lives on
+        # an accelerator); compiled code skips the check, and such a row gets all-zero
+        # weights (the output is the bias), never NaN.
+        if not torch.compiler.is_compiling():
+            rows = mask.any(-1)
+            if not bool(rows.all()):
+                where = "" if mask.ndim == 1 else f" (row {int(torch.nonzero(~rows)[0, 0])})"
+                raise ValueError(
+                    f"expected at least one input present in every mask row, got none{where}"
+                )
+        return mask
+
+    # -- weights --------------------------------------------------------------
+    def _coefficients(
+        self, present: list[int] | None, mask: Tensor | None, input_dtype: torch.dtype
+    ) -> Tensor:
+        """Weights times scale, shape (K',), (K', C), (K', B) or (K', B, C)."""
+        renormalise = present is not None or mask is not None
+        w = self._renormalised(present, mask) if renormalise else self.weights
+        acc = torch.float32 if input_dtype in (torch.float16, torch.bfloat16) else input_dtype
+        w = w.to(acc)
+        if self.scale is not None:
+            w = w * self.scale.to(acc)
+        return w
+
+    def _renormalised(self, present: list[int] | None, mask: Tensor | None) -> Tensor:
+        """Weights of the present inputs, renormalised; laid out (K', [B], [C])."""
+        plists: Any = self.parametrizations
+        uses_pre_weights = self.kind == "simplex" and self.method != "relu"
+        # softmax and sparsemax renormalise from the pre-weights, relu and affine from
+        # the constrained weights.
+        source = plists.weights.original if uses_pre_weights else self.weights
+        if present is not None:
+            source = torch.stack([source[i] for i in present])
+        count = source.shape[0]
+        # Layout (rows, K', columns): rows are mask rows, columns are channels.
+        x = source.to(F._compute_dtype(source.dtype)).reshape(1, count, -1)
+        m = None if mask is None else mask.reshape(-1, count, 1)
+        if self.kind == "affine":
+            out = _shift_affine(x, m)
+        elif self.method == "relu":
+            out = _rescale(x, m)
+        elif self.method == "softmax":
+            out = _masked_softmax(x / self._temperature, m)
+        else:
+            out = _masked_sparsemax(x / self._temperature, m)
+        out = out.transpose(0, 1)  # (K', rows, columns)
+        if mask is None or mask.ndim == 1:
+            out = out.squeeze(1)
+        return out.reshape(count, *out.shape[1:-1], *source.shape[1:])
+
+    def _broadcast_coefficients(
+        self, w: Tensor, mask: Tensor | None, shape: tuple[int, ...], channel_dim: int
+    ) -> Tensor:
+        """View (K', [B], [C]) weights as (K', *w_shape) aligned with the inputs."""
+        per_row = mask is not None and mask.ndim == 2
+        if not per_row and self.channels is None:
+            return w
+        view = [1] * len(shape)
+        if per_row:
+            view[0] = shape[0]
+        if self.channels is not None:
+            view[channel_dim] = self.channels
+        return w.reshape(w.shape[0], *view)
+
+    def extra_repr(self) -> str:
+        k = "?" if self.num_inputs is None else str(self.num_inputs)
+        parts = [f"num_inputs={k}", f"weights={self.kind!r}"]
+        if self.kind == "simplex":
+            parts.append(f"method={self.method!r}")
+        if self.names is not None:
+            parts.append(f"names={list(self.names)}")
+        if self.channels is not None:
+            parts.append(f"channels={self.channels}, channel_dim={self.channel_dim}")
+        if self.scale is not None:
+            parts.append("scale=True")
+        if self.bias is not None:
+            parts.append("bias=True")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# renormalisation over the present inputs, layout (rows, K', columns), reduce dim 1
+# ---------------------------------------------------------------------------
+
+
+def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax over dim 1 of the present entries; 0 for absent ones and empty rows."""
+    if mask is None:
+        return torch.softmax(logits, dim=1)
+    masked = torch.where(mask, logits, -math.inf)
+    peak = masked.detach().amax(1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    e = torch.exp(masked - peak)
+    total = e.sum(1, keepdim=True)
+    return e / torch.where(total > 0, total, 1.0)
+
+
+def _masked_sparsemax(pre: Tensor, mask: Tensor | None) -> Tensor:
+    """Euclidean projection of the present pre-weights onto the simplex (dim 1)."""
+    rows = pre.transpose(1, 2)  # (rows, columns, K')
+    if mask is None:
+        return F._project_simplex_rows(rows, 1.0).transpose(1, 2)
+    m = mask.transpose(1, 2)
+    rows = rows.expand(m.shape[0], -1, -1)
+    # An absent entry set below (min present - total - 1) is never in the support,
+    # whose threshold is at least (max present - total).
+    low = torch.where(m, rows, math.inf).detach().amin(-1, keepdim=True) - 2.0
+    low = torch.where(torch.isfinite(low), low, 0.0)
+    projected = F._project_simplex_rows(torch.where(m, rows, low), 1.0)
+    return torch.where(m, projected, 0.0).transpose(1, 2)
+
+
+def _rescale(w: Tensor, mask: Tensor | None) -> Tensor:
+    """Present positive weights divided by their sum (0 for empty rows)."""
+    if mask is not None:
+        w = torch.where(mask, w, 0.0)
+    total = w.sum(1, keepdim=True)
+    return w / torch.where(total > 0, total, 1.0)
+
+
+def _shift_affine(w: Tensor, mask: Tensor | None) -> Tensor:
+    """Spread the deficit 1 - sum(present) equally over the present weights."""
+    if mask is None:
+        return w + (1.0 - w.sum(1, keepdim=True)) / w.shape[1]
+    present = torch.where(mask, w, 0.0)
+    count = mask.sum(1, keepdim=True).clamp_min(1).to(w.dtype)
+    shifted = w + (1.0 - present.sum(1, keepdim=True)) / count
+    return torch.where(mask, shifted, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# construction-time validation
+# ---------------------------------------------------------------------------
+
+
+def _check_kind(weights: str, method: str) -> WeightKind:
+    if weights not in _WEIGHT_KINDS:
+        raise ValueError(f"expected weights to be one of {_WEIGHT_KINDS}, got {weights!r}")
+    if method not in _SIMPLEX_METHODS:
+        raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
+    if weights == "affine" and method != "softmax":
+        raise ValueError(
+            f"expected method='softmax' (the default, unused) with weights='affine', got {method!r}"
+        )
+    return weights  # type: ignore[return-value]
+
+
+def _check_names(names: Sequence[str] | None) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"expected names to be a sequence of str, got {names!r}")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"expected names to be a sequence of str, got {name!r} in {names!r}")
+    if len(names) == 0:
+        raise ValueError("expected at least one name, got an empty sequence")
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        raise ValueError(f"expected distinct names, got repeated {repeated}")
+    return tuple(names)
+
+
+def _check_channels(channels: int | None) -> int | None:
+    if channels is None:
+        return None
+    if isinstance(channels, bool) or not isinstance(channels, int):
+        raise TypeError(f"expected channels to be an int or None, got {channels!r}")
+    if channels < 1:
+        raise ValueError(f"expected channels >= 1, got {channels}")
+    return channels
+
+
+def _check_init(init: Sequence[float] | Tensor | None, channels: int | None) -> Tensor | None:
+    if init is None:
+        return None
+    if isinstance(init, Tensor):
+        value = init.detach()
+    elif isinstance(init, Sequence) and not isinstance(init, str):
+        try:
+            value = torch.tensor(init, dtype=torch.float64)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"expected init to be a sequence of floats, got {init!r}") from error
+    else:
+        raise TypeError(f"expected init to be a sequence of floats or a tensor, got {init!r}")
+    if not value.dtype.is_floating_point:
+        value = value.to(torch.float64)
+    expected = "(K,)" if channels is None else f"(K,) or (K, {channels})"
+    ok = value.ndim == 1 or (
+        channels is not None and value.ndim == 2 and value.shape[1] == channels
+    )
+    if not ok or value.shape[0] == 0:
+        raise ValueError(f"expected init of shape {expected}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _resolve_count(
+    num_inputs: int | None, names: tuple[str, ...] | None, init: Tensor | None
+) -> int | None:
+    if num_inputs is not None:
+        if isinstance(num_inputs, bool) or not isinstance(num_inputs, int):
+            raise TypeError(f"expected num_inputs to be an int or None, got {num_inputs!r}")
+        if num_inputs < 1:
+            raise ValueError(f"expected num_inputs >= 1, got {num_inputs}")
+    counts = {
+        "num_inputs": num_inputs,
+        "len(names)": None if names is None else len(names),
+        "len(init)": None if init is None else int(init.shape[0]),
+    }
+    given = {key: value for key, value in counts.items() if value is not None}
+    if len(set(given.values())) > 1:
+        raise ValueError(f"expected one number of inputs K, got {given}")
+    return next(iter(given.values()), None)
+
+
+def _inputs_type_message(inputs: object, names: tuple[str, ...] | None) -> str:
+    expected = "a list or tuple of tensors, a stacked tensor"
+    expected += " or a dict name -> tensor" if names is not None else " (a dict needs names=...)"
+    return f"expected inputs to be {expected}, got {type(inputs).__name__}"
+
+
+def _check_same(tensors: Sequence[Tensor], present: list[int] | None) -> None:
+    """Every input a floating tensor with the first one's shape, dtype and device."""
+    labels = [str(i) for i in (present or range(len(tensors)))]
+    for label, t in zip(labels, tensors, strict=True):
+        F._check_float_tensor(t, f"input {label}")
+    shapes = [tuple(t.shape) for t in tensors]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"expected inputs of identical shape, got shapes {shapes}")
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"expected inputs of one dtype, got dtypes {[str(t.dtype) for t in tensors]}"
+        )
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(
+            f"expected inputs on one device, got devices {[str(t.device) for t in tensors]}"
+        )
