@@ -13,6 +13,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,9 @@ def _load_checkpoint(path: str) -> Mapping[str, Any]:
     if not file.is_file():
         raise ValueError(f"expected a checkpoint file, got {path!r}: not a regular file")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. pickle-protocol warnings: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
         raise ValueError(
             f"expected a state_dict saved with torch.save, got an unreadable file {path!r} "

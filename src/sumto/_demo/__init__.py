@@ -161,7 +161,10 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"   {name:<26}{_number(loss, '.2e'):>11}{_number(error, '.2e'):>24}")
     lines.append(
         "   learned with sum_to: "
-        + "  ".join("[" + " ".join(f"{v:6.3f}" for v in row) + "]" for row in kernel["learned"])
+        + "  ".join(
+            "[" + " ".join(f"{v:6.3f}".replace("-0.000", " 0.000") for v in row) + "]"
+            for row in kernel["learned"]
+        )
     )
     lines.append(
         "   softmax cannot go negative: the best kernel on the simplex (float64 optimum) "

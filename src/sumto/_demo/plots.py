@@ -66,7 +66,7 @@ def plot_kernels(path: Path, kernels: dict[str, Tensor]) -> Path:
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
                 v = float(values[i, j])
-                text = f"{v:.2f}" if math.isfinite(v) else "nan"
+                text = f"{v:.2f}".replace("-0.00", "0.00") if math.isfinite(v) else "nan"
                 shade = "white" if math.isfinite(v) and abs(v) > 0.6 * limit else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=shade)
         ax.set_title(title, fontsize=9)
