@@ -409,3 +409,25 @@ def test_inspect_as_a_process_prints_no_traceback(tmp_path: Path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_inspect_rebuilds_linear_equality_constraints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    torch.manual_seed(0)
+    a = [[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 0.0, 0.0]]  # rows sum to 1, first two equal
+    model = nn.Sequential(
+        sumto.linear_equality(nn.Linear(4, 3), A=a, b=[1.0, 0.0]),
+        sumto.bayar(nn.Conv2d(1, 2, 5)),  # centre -1, the rest sums to 1: filter sum 0
+    )
+    torch.save(model.state_dict(), tmp_path / "linear.pt")
+    status, out, err = _inspect(tmp_path / "linear.pt", capsys)
+    assert status == 0 and err == ""
+    assert "2 sumto-constrained tensors" in out and out.count("LinearEquality(") == 2
+    weight_sums = torch.tensor(_sums_line(out, "0.weight"), dtype=torch.float64)
+    assert torch.allclose(weight_sums, model[0].weight.double().sum(1), atol=1e-6)
+    assert torch.allclose(weight_sums, torch.ones(3, dtype=torch.float64), atol=1e-5)
+    filter_sums = torch.tensor(_sums_line(out, "1.weight"), dtype=torch.float64)
+    assert filter_sums.shape == (2,)
+    assert float(filter_sums.abs().max()) < 1e-5
+    assert out.count("within the rounding tolerance") == 2
