@@ -1,0 +1,802 @@
+"""sumto.WeightedSum against independent float64 references of the naive formula.
+
+The references below are written from the definitions (softmax, sort-based simplex
+projection, relu fusion, affine shift; subsets renormalised row by row in Python), not
+from the module's code paths. Tolerances are k * eps(dtype) * magnitude.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+from torch.func import functional_call
+from torch.nn.parameter import UninitializedParameter
+
+import sumto
+from reference import ref_project_simplex, ref_project_sum
+
+ROOT = Path(__file__).resolve().parents[1]
+RELU_EPS = 1e-4  # BiFPN fusion constant, from the definition of Simplex(method="relu")
+KINDS = [
+    ("simplex", "softmax"),
+    ("simplex", "sparsemax"),
+    ("simplex", "relu"),
+    ("affine", "softmax"),
+]
+HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# float64 references
+# ---------------------------------------------------------------------------
+
+
+def ref_weights(kind: str, method: str, pre: Tensor) -> Tensor:
+    """Constrained weights from pre-weights ``(K,)`` or ``(K, C)``, float64, sum over dim 0."""
+    pre = pre.double()
+    if kind == "affine":
+        return ref_project_sum(pre, 1.0, (0,))
+    if method == "softmax":
+        e = torch.exp(pre - pre.max(0, keepdim=True).values)
+        return e / e.sum(0, keepdim=True)
+    if method == "sparsemax":
+        # Support from the sort-based reference; on it the projection is v - tau with
+        # tau = (sum_S v - 1) / |S|, written out so that autograd gives its Jacobian.
+        support = ref_project_simplex(pre.detach(), 1.0, (0,)) > 0
+        tau = (torch.where(support, pre, 0.0).sum(0, keepdim=True) - 1.0) / support.sum(
+            0, keepdim=True
+        )
+        return torch.where(support, pre - tau, 0.0)
+    r = pre.clamp_min(0.0)
+    return (r + RELU_EPS / pre.shape[0]) / (r.sum(0, keepdim=True) + RELU_EPS)
+
+
+def ref_present_weights(kind: str, method: str, pre: Tensor, present: Sequence[bool]) -> Tensor:
+    """Weights renormalised over the present inputs (0 for absent ones), float64."""
+    idx = [i for i, p in enumerate(present) if p]
+    pre = pre.double()
+    out = torch.zeros_like(pre)
+    full = ref_weights(kind, method, pre)
+    if kind == "affine":
+        sub = full[idx]
+        out[idx] = sub + (1.0 - sub.sum(0, keepdim=True)) / len(idx)
+    elif method in ("softmax", "sparsemax"):
+        out[idx] = ref_weights(kind, method, pre[idx])  # the map over the present entries
+    else:
+        sub = full[idx]
+        out[idx] = sub / sub.sum(0, keepdim=True)
+    return out
+
+
+def ref_output(
+    weights: Tensor,
+    xs: Sequence[Tensor],
+    channel_dim: int | None,
+    gamma: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """gamma * sum_k w_k x_k + b in float64; weights ``(K,)``, ``(K, C)``, ``(B, K[, C])``."""
+    xs64 = [x.double() for x in xs]
+    ndim = xs64[0].ndim
+    out = torch.zeros_like(xs64[0])
+    per_row = weights.ndim == 3 or (weights.ndim == 2 and channel_dim is None)
+    for k, x in enumerate(xs64):
+        w = weights[:, k] if per_row else weights[k]
+        view = [1] * ndim
+        if per_row:
+            view[0] = x.shape[0]
+        if channel_dim is not None:
+            view[channel_dim] = x.shape[channel_dim]
+        out = out + w.double().reshape(view) * x
+    if gamma is not None:
+        out = out * gamma.double()
+    if bias is not None:
+        view = [1] * ndim
+        if bias.ndim == 1 and channel_dim is not None:
+            view[channel_dim] = bias.shape[0]
+        out = out + bias.double().reshape(view if bias.ndim else ())
+    return out
+
+
+def pre_weights(module: sumto.WeightedSum) -> Tensor:
+    original: Tensor = module.parametrizations.weights.original
+    return original
+
+
+def assert_close(
+    actual: Tensor,
+    expected: Tensor,
+    magnitude: Tensor | float,
+    dtype: torch.dtype,
+    n: int,
+    k: float = 8.0,
+) -> None:
+    """|actual - expected| <= k * (4 + log2 n) * eps(dtype) * magnitude, elementwise max."""
+    mag = float(magnitude.detach().max()) if isinstance(magnitude, Tensor) else float(magnitude)
+    tol = k * (4 + math.log2(max(n, 1))) * torch.finfo(dtype).eps * max(mag, 1e-30)
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    err = float(diff.max()) if diff.numel() else 0.0
+    assert err <= tol, f"max abs error {err:.3g} exceeds {tol:.3g} ({dtype})"
+
+
+def make_module(kind: str, method: str, k: int, **kwargs: Any) -> sumto.WeightedSum:
+    return sumto.WeightedSum(k, weights=kind, method=method, **kwargs)  # type: ignore[arg-type]
+
+
+def randomise(module: sumto.WeightedSum, generator: torch.Generator | None = None) -> None:
+    """Random pre-weights (and scale, bias) so that tests do not sit at the uniform init."""
+    with torch.no_grad():
+        pre = pre_weights(module)
+        pre.copy_(torch.randn(pre.shape, generator=generator, dtype=pre.dtype))
+        if module.scale is not None:
+            module.scale.copy_(1.0 + 0.5 * torch.randn((), generator=generator, dtype=pre.dtype))
+        if module.bias is not None:
+            b = module.bias
+            b.copy_(torch.randn(b.shape, generator=generator, dtype=b.dtype))
+
+
+# ---------------------------------------------------------------------------
+# outputs and gradients equal the naive formula (float64)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_weights_match_reference_and_init_is_exact(kind: str, method: str) -> None:
+    init = [0.2, 0.3, 0.5] if kind == "simplex" else [2.0, -1.5, 0.5]
+    module = make_module(kind, method, 3, init=init)
+    assert_close(module.weights, torch.tensor(init), 1.0, torch.float32, 3)
+    module = module.double()
+    randomise(module)
+    expected = ref_weights(kind, method, pre_weights(module))
+    assert_close(module.weights, expected, 1.0, torch.float64, 3)
+    assert module.weights.shape == (3,)
+    assert abs(float(module.weights.detach().sum()) - 1.0) < 1e-12
+
+
+def test_default_init_is_uniform() -> None:
+    for kind, method in KINDS:
+        w = make_module(kind, method, 4).weights
+        assert torch.allclose(w, torch.full((4,), 0.25), atol=1e-6), (kind, method, w)
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_output_and_gradients_equal_naive_formula_float64(kind: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    module = make_module(kind, method, 4, scale=True, bias=True).double()
+    randomise(module, gen)
+    xs = [
+        torch.randn(3, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(4)
+    ]
+    grad = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+
+    out = module(xs)
+    out.backward(grad)
+    assert module.scale is not None and module.bias is not None
+    got = [pre_weights(module).grad, module.scale.grad, module.bias.grad, *(x.grad for x in xs)]
+
+    # The naive formula by autograd, from independent float64 leaves.
+    pre = pre_weights(module).detach().clone().requires_grad_(True)
+    gamma = module.scale.detach().clone().requires_grad_(True)
+    bias = module.bias.detach().clone().requires_grad_(True)
+    xs_ref = [x.detach().clone().requires_grad_(True) for x in xs]
+    weights = ref_weights(kind, method, pre)
+    expected = gamma * sum(w * x for w, x in zip(weights, xs_ref, strict=True)) + bias
+    expected.backward(grad)
+    want = [pre.grad, gamma.grad, bias.grad, *(x.grad for x in xs_ref)]
+
+    assert out.dtype == torch.float64
+    assert_close(out, expected, 10.0, torch.float64, 4)
+    for a, b in zip(got, want, strict=True):
+        assert a is not None and b is not None
+        assert_close(a, b, 100.0, torch.float64, 30)
+
+
+def test_gradcheck_every_input_form_and_option() -> None:
+    gen = torch.Generator().manual_seed(1)
+    names = ["a", "b", "c"]
+    module = sumto.WeightedSum(names=names, channels=4, scale=True, bias=True).double()
+    randomise(module, gen)
+    pre = pre_weights(module).detach().clone().requires_grad_(True)
+    assert module.scale is not None and module.bias is not None
+    gamma = module.scale.detach().clone().requires_grad_(True)
+    bias = module.bias.detach().clone().requires_grad_(True)
+    row_mask = torch.tensor([[True, False, True], [False, True, True]])
+
+    def call(inputs: Any, **kwargs: Any) -> Callable[..., Tensor]:
+        def fn(p: Tensor, g: Tensor, b: Tensor, *xs: Tensor) -> Tensor:
+            params = {"parametrizations.weights.original": p, "scale": g, "bias": b}
+            return functional_call(module, params, (inputs(xs),), kwargs)
+
+        return fn
+
+    xs = [
+        torch.randn(2, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in names
+    ]
+    stacked = torch.randn(3, 2, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    cases: list[tuple[Callable[..., Tensor], tuple[Tensor, ...]]] = [
+        (call(list), tuple(xs)),
+        (call(tuple), tuple(xs)),
+        (call(lambda t: t[0]), (stacked,)),
+        (call(lambda t: {"a": t[0], "c": t[1]}), tuple(xs[:2])),
+        (call(list, mask=row_mask), tuple(xs)),
+        (call(lambda t: t[0], mask=row_mask[0]), (stacked,)),
+    ]
+    for fn, tensors in cases:
+        assert torch.autograd.gradcheck(fn, (pre, gamma, bias, *tensors))
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_gradcheck_masked_weights_each_kind(kind: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    module = make_module(kind, method, 4).double()
+    randomise(module, gen)
+    pre = pre_weights(module).detach().clone().requires_grad_(True)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, True], [True] * 4])
+    xs = [
+        torch.randn(3, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)
+    ]
+
+    def fn(p: Tensor, *xs: Tensor) -> Tensor:
+        return functional_call(
+            module, {"parametrizations.weights.original": p}, (list(xs),), {"mask": mask}
+        )
+
+    assert torch.autograd.gradcheck(fn, (pre, *xs))
+
+
+# ---------------------------------------------------------------------------
+# property test over shapes, dtypes, input forms, channels, masks and options
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict[str, Any]:
+    kind, method = draw(st.sampled_from(KINDS))
+    k = draw(st.integers(1, 5))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=3)))
+    channel_dim = None
+    if len(shape) >= 1 and draw(st.booleans()):
+        channel_dim = draw(st.integers(-len(shape), len(shape) - 1))
+    mask_kind = draw(
+        st.sampled_from(["none", "vector", "rows"] if len(shape) >= 1 else ["none", "vector"])
+    )
+    if mask_kind == "rows" and channel_dim is not None and channel_dim % len(shape) == 0:
+        mask_kind = "vector"
+    rows = shape[0] if mask_kind == "rows" else 1
+    mask = [[draw(st.booleans()) for _ in range(k)] for _ in range(rows)]
+    for row in mask:
+        row[draw(st.integers(0, k - 1))] = True
+    return {
+        "kind": kind,
+        "method": method,
+        "k": k,
+        "shape": shape,
+        "channel_dim": channel_dim,
+        "mask_kind": mask_kind,
+        "mask": mask,
+        "form": draw(st.sampled_from(["list", "tuple", "stacked", "dict"])),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        "scale": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@given(case=cases())
+def test_matches_float64_reference_over_shapes_dtypes_forms_and_masks(case: dict[str, Any]) -> None:
+    k, shape, dtype = case["k"], case["shape"], case["dtype"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    cd = case["channel_dim"]
+    channels = None if cd is None else shape[cd]
+    names = [f"in{i}" for i in range(k)]
+    module = sumto.WeightedSum(
+        names=names,
+        weights=case["kind"],
+        method=case["method"],
+        scale=case["scale"],
+        bias=case["bias"],
+        channels=channels,
+        channel_dim=0 if cd is None else cd,
+    )
+    module_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    module = module.to(module_dtype)
+    randomise(module, gen)
+    xs = [(3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype) for _ in range(k)]
+    inputs: Any = {
+        "list": xs,
+        "tuple": tuple(xs),
+        "stacked": torch.stack(xs) if xs else None,
+        "dict": dict(zip(names, xs, strict=True)),
+    }[case["form"]]
+    mask = None
+    present_rows = [[True] * k]
+    if case["mask_kind"] != "none":
+        present_rows = case["mask"]
+        mask = torch.tensor(present_rows[0] if case["mask_kind"] == "vector" else present_rows)
+
+    out = module(inputs, mask=mask)
+
+    pre = pre_weights(module).detach()
+    row_weights = torch.stack(
+        [ref_present_weights(case["kind"], case["method"], pre, row) for row in present_rows]
+    )
+    weights = row_weights if case["mask_kind"] == "rows" else row_weights[0]
+    ncd = None if cd is None else cd % len(shape)
+    gamma = None if module.scale is None else module.scale.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    expected = ref_output(weights, xs, ncd, gamma, bias)
+    # Magnitude of the sum's terms: |gamma| sum_k |w_k x_k| + |b|.
+    abs_terms = ref_output(
+        weights.abs(), [x.abs() for x in xs], ncd, None if gamma is None else gamma.abs()
+    )
+    magnitude = abs_terms + (0.0 if bias is None else bias.double().abs().max())
+    assert out.dtype == dtype and out.shape == shape
+    # The weights are computed in the module's dtype (float32 unless float64).
+    eps_dtype = dtype if torch.finfo(dtype).eps > torch.finfo(module_dtype).eps else module_dtype
+    assert_close(out, expected, magnitude, eps_dtype, k, k=16)
+
+    # Renormalised weights always sum to 1 per row (and column).
+    sums = weights.sum(-2 if (channels is not None) else -1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# input forms, subsets and masks
+# ---------------------------------------------------------------------------
+
+
+def test_every_input_form_gives_the_same_output() -> None:
+    gen = torch.Generator().manual_seed(3)
+    module = sumto.WeightedSum(names=["a", "b", "c"], bias=True)
+    randomise(module, gen)
+    xs = [torch.randn(2, 3, generator=gen) for _ in range(3)]
+    outs = [
+        module(xs),
+        module(tuple(xs)),
+        module(torch.stack(xs)),
+        module({"c": xs[2], "a": xs[0], "b": xs[1]}),  # dict order does not matter
+    ]
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_dict_subset_equals_mask_and_renormalises(kind: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    module = sumto.WeightedSum(names=["a", "b", "c", "d"], weights=kind, method=method).double()  # type: ignore[arg-type]
+    randomise(module, gen)
+    xs = {n: torch.randn(5, generator=gen, dtype=torch.float64) for n in "abcd"}
+    subset = module({"b": xs["b"], "d": xs["d"]})
+    masked = module(xs, mask=torch.tensor([False, True, False, True]))
+    w = ref_present_weights(kind, method, pre_weights(module).detach(), [False, True, False, True])
+    expected = w[1] * xs["b"] + w[3] * xs["d"]
+    assert_close(subset, expected, 10.0, torch.float64, 4)
+    assert_close(masked, expected, 10.0, torch.float64, 4)
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_mask_over_a_dict_subset_combines_both(kind: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(10)
+    names = ["a", "b", "c", "d"]
+    module = sumto.WeightedSum(names=names, weights=kind, method=method).double()  # type: ignore[arg-type]
+    randomise(module, gen)
+    xs = {n: torch.randn(2, 3, generator=gen, dtype=torch.float64) for n in "bcd"}
+    mask = torch.tensor([[True, True, False, True], [True, False, True, False]])
+    out = module(xs, mask=mask)
+    pre = pre_weights(module).detach()
+    for row, present in enumerate([[False, True, False, True], [False, False, True, False]]):
+        w = ref_present_weights(kind, method, pre, present)
+        expected = sum(w[names.index(n)] * x[row] for n, x in xs.items())
+        assert_close(out[row], expected, 10.0, torch.float64, 4)
+
+
+def test_simplex_subset_is_the_rescaled_weights_and_affine_spreads_the_deficit() -> None:
+    ones = [torch.ones(1) * v for v in (1.0, 10.0, 100.0)]
+    simplex = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5])
+    out = simplex({"a": ones[0], "c": ones[2]})
+    assert torch.allclose(out, torch.tensor([(0.2 * 1 + 0.5 * 100) / 0.7]))
+    affine = sumto.WeightedSum(names=["a", "b", "c"], weights="affine", init=[2.0, -1.5, 0.5])
+    out = affine({"a": ones[0], "c": ones[2]})
+    # present sum 2.5, deficit -1.5 shared by 2 inputs: [1.25, -0.25]
+    assert torch.allclose(out, torch.tensor([1.25 * 1 - 0.25 * 100]))
+
+
+def test_per_row_mask_renormalises_each_row() -> None:
+    module = sumto.WeightedSum(3, init=[0.2, 0.3, 0.5])
+    xs = [torch.full((2, 2), v) for v in (1.0, 10.0, 100.0)]
+    mask = torch.tensor([[True, True, False], [False, False, True]])
+    out = module(xs, mask=mask)
+    assert torch.allclose(out[0], torch.full((2,), (0.2 * 1 + 0.3 * 10) / 0.5))
+    assert torch.allclose(out[1], torch.full((2,), 100.0))
+
+
+def test_masked_softmax_has_no_nan_when_present_weights_underflow() -> None:
+    # Softmax weight of input 1 underflows to 0 in float32; masking out input 0 must
+    # still give input 1 the full weight (masked softmax, not 0 / 0).
+    module = sumto.WeightedSum(2)
+    with torch.no_grad():
+        pre_weights(module).copy_(torch.tensor([0.0, -200.0]))
+    out = module([torch.ones(3), torch.full((3,), 2.0)], mask=torch.tensor([False, True]))
+    assert torch.equal(out, torch.full((3,), 2.0))
+
+
+def test_sparsemax_subset_projects_present_pre_weights_even_when_all_were_zero() -> None:
+    module = sumto.WeightedSum(names=["a", "b", "c"], method="sparsemax", init=[1.0, 0.0, 0.0])
+    out = module({"b": torch.ones(2), "c": torch.full((2,), 3.0)})
+    assert torch.isfinite(out).all()
+    w = ref_project_simplex(pre_weights(module).detach()[1:].double(), 1.0, (0,))
+    assert torch.allclose(out, (w[0] * 1 + w[1] * 3).float().expand(2))
+
+
+# ---------------------------------------------------------------------------
+# per-channel weights, scale and bias
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_per_channel_weights_broadcast_along_channel_dim(channel_dim: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    module = sumto.WeightedSum(3, channels=4, channel_dim=channel_dim, bias=True, method="relu")
+    randomise(module, gen)
+    assert module.weights.shape == (3, 4)
+    assert torch.allclose(module.weights.sum(0), torch.ones(4))
+    shape = (2, 4, 5) if channel_dim == 1 else (2, 5, 4)
+    xs = [torch.randn(shape, generator=gen) for _ in range(3)]
+    out = module(xs)
+    assert module.bias is not None
+    expected = ref_output(module.weights.detach(), xs, channel_dim % 3, None, module.bias.detach())
+    assert_close(out, expected, 20.0, torch.float32, 3)
+
+
+def test_per_channel_init_accepts_k_or_k_by_c() -> None:
+    shared = sumto.WeightedSum(channels=2, init=[0.25, 0.75])
+    assert torch.allclose(shared.weights, torch.tensor([[0.25, 0.25], [0.75, 0.75]]))
+    full = sumto.WeightedSum(channels=2, init=torch.tensor([[0.1, 0.6], [0.9, 0.4]]))
+    assert torch.allclose(full.weights, torch.tensor([[0.1, 0.6], [0.9, 0.4]]))
+
+
+def test_scale_and_bias_start_neutral_and_learn() -> None:
+    module = sumto.WeightedSum(2, scale=True, bias=True)
+    assert module.scale is not None and module.bias is not None
+    assert float(module.scale) == 1.0 and float(module.bias) == 0.0
+    xs = [torch.ones(3), torch.full((3,), 3.0)]
+    assert torch.allclose(module(xs), torch.full((3,), 2.0))
+    with torch.no_grad():
+        module.scale.fill_(2.0)
+        module.bias.fill_(-1.0)
+    assert torch.allclose(module(xs), torch.full((3,), 3.0))
+    module(xs).sum().backward()
+    assert module.scale.grad is not None and float(module.scale.grad) == pytest.approx(6.0)
+    assert module.bias.grad is not None and float(module.bias.grad) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_output_keeps_input_dtype_and_gradients_match_reference(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(6)
+    module = sumto.WeightedSum(5, channels=3, bias=True)
+    randomise(module, gen)
+    xs = [torch.randn(4, 3, 6, generator=gen).to(dtype).requires_grad_(True) for _ in range(5)]
+    grad = torch.randn(4, 3, 6, generator=gen).to(dtype)
+    out = module(xs)
+    out.backward(grad)
+    assert out.dtype == dtype
+    assert all(x.grad is not None and x.grad.dtype == dtype for x in xs)
+    w = module.weights.detach()
+    assert module.bias is not None
+    expected = ref_output(w, xs, 1, None, module.bias.detach())
+    mag = ref_output(w.abs(), [x.detach().abs() for x in xs], 1) + module.bias.detach().abs().max()
+    eps_dtype = dtype if dtype in HALF else torch.float32
+    assert_close(out, expected, mag, eps_dtype, 5)
+    for k, x in enumerate(xs):
+        want = w[k].double().view(1, 3, 1) * grad.double()
+        assert x.grad is not None
+        assert_close(x.grad, want, want.abs(), eps_dtype, 1)
+    # Gradient of the pre-weights: chain rule through the float64 reference weights.
+    pre = pre_weights(module).detach().double().requires_grad_(True)
+    ref = ref_output(ref_weights("simplex", "softmax", pre), xs, 1)
+    (ref * grad.double()).sum().backward()
+    terms = sum((grad.double() * x.double()).abs().sum() for x in xs)
+    assert pre.grad is not None and pre_weights(module).grad is not None
+    assert_close(pre_weights(module).grad, pre.grad, terms, eps_dtype, 4 * 6 * 5)
+
+
+# ---------------------------------------------------------------------------
+# lazy sizing and checkpoints
+# ---------------------------------------------------------------------------
+
+
+def test_lazy_sizing_from_first_call_then_fixed() -> None:
+    module = sumto.WeightedSum()
+    assert isinstance(module.weights, UninitializedParameter)
+    assert module.has_uninitialized_params()
+    out = module(torch.randn(4, 2, 3))  # stacked: K = 4
+    assert out.shape == (2, 3)
+    assert not module.has_uninitialized_params()
+    assert module.num_inputs == 4
+    assert torch.allclose(module.weights, torch.full((4,), 0.25))
+    # The optimizer is created after the first call: it sees the real parameter.
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    before = pre_weights(module).detach().clone()
+    module([torch.randn(2, 3) * (i + 1) for i in range(4)]).pow(2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(pre_weights(module).detach(), before)
+    with pytest.raises(ValueError, match="expected 4 inputs, got 3"):
+        module([torch.randn(2, 3)] * 3)
+    with pytest.raises(ValueError, match=r"shape \(4, \.\.\.\), got shape \(5, 2\)"):
+        module(torch.randn(5, 2))
+
+
+def test_lazy_sizing_keeps_dtype_and_per_channel_shape() -> None:
+    module = sumto.WeightedSum(channels=3, bias=True).double()
+    module([torch.randn(2, 3, dtype=torch.float64)] * 2)
+    assert module.weights.shape == (2, 3) and module.weights.dtype == torch.float64
+
+
+def test_lazy_first_call_errors_are_clear() -> None:
+    with pytest.raises(TypeError, match="a dict needs names"):
+        sumto.WeightedSum()({"a": torch.ones(2)})
+    with pytest.raises(ValueError, match="at least one input"):
+        sumto.WeightedSum()([])
+
+
+def test_state_dict_round_trip_and_loading_into_an_unsized_module() -> None:
+    gen = torch.Generator().manual_seed(7)
+    source = sumto.WeightedSum(3, channels=2, bias=True, method="sparsemax")
+    randomise(source, gen)
+    state = source.state_dict()
+    assert "parametrizations.weights.original" in state
+    lazy = sumto.WeightedSum(channels=2, bias=True, method="sparsemax")
+    lazy.load_state_dict(state)
+    assert lazy.num_inputs == 3
+    assert torch.equal(lazy.weights, source.weights)
+    xs = [torch.randn(4, 2, generator=gen) for _ in range(3)]
+    assert torch.equal(lazy(xs), source(xs))
+    # A baked (plain) checkpoint, key "weights", also sizes and loads.
+    baked = sumto.bake(source).state_dict()
+    assert "weights" in baked
+    again = sumto.WeightedSum(channels=2, bias=True, method="sparsemax")
+    again.load_state_dict(baked)
+    assert torch.allclose(again.weights, baked["weights"])
+
+
+def test_compile_sizes_a_lazy_module() -> None:
+    module = sumto.WeightedSum()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    xs = [torch.randn(2, 3) for _ in range(3)]
+    assert torch.allclose(compiled(xs), module(xs))
+    assert module.num_inputs == 3
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_inputs": 0}, ValueError, "num_inputs >= 1, got 0"),
+        ({"num_inputs": 2.0}, TypeError, "num_inputs to be an int"),
+        ({"num_inputs": True}, TypeError, "num_inputs to be an int"),
+        ({"names": ["a", "a"]}, ValueError, "distinct names, got repeated"),
+        ({"names": []}, ValueError, "at least one name"),
+        ({"names": "ab"}, TypeError, "sequence of str"),
+        ({"names": ["a", 1]}, TypeError, "sequence of str"),
+        ({"num_inputs": 3, "names": ["a", "b"]}, ValueError, "one number of inputs K"),
+        ({"num_inputs": 3, "init": [0.5, 0.5]}, ValueError, "one number of inputs K"),
+        ({"weights": "convex"}, ValueError, "weights to be one of"),
+        ({"method": "entmax"}, ValueError, "method to be one of"),
+        ({"weights": "affine", "method": "sparsemax"}, ValueError, "method='softmax'"),
+        ({"init": [0.5, 0.6]}, ValueError, "violation"),
+        ({"init": [0.5, -0.5, 1.0]}, ValueError, "violation"),
+        ({"init": [[0.5, 0.5]]}, ValueError, r"shape \(K,\)"),
+        ({"init": "ab"}, TypeError, "init to be a sequence"),
+        ({"channels": 0}, ValueError, "channels >= 1"),
+        ({"channels": 2, "init": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}, ValueError, r"\(K, 2\)"),
+        ({"channel_dim": 1.0}, TypeError, "channel_dim to be an int"),
+        ({"scale": 1}, TypeError, "scale to be a bool"),
+    ],
+)
+def test_construction_errors(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        sumto.WeightedSum(**kwargs)
+
+
+def test_call_errors_name_the_problem() -> None:
+    module = sumto.WeightedSum(names=["a", "b", "c"], channels=2)
+    x = torch.ones(3, 2)
+    with pytest.raises(KeyError, match="'d'"):
+        module({"a": x, "d": x})
+    with pytest.raises(ValueError, match="at least one of the inputs"):
+        module({})
+    with pytest.raises(ValueError, match="expected 3 inputs, got 2"):
+        module([x, x])
+    with pytest.raises(
+        ValueError, match=r"identical shape, got shapes \[\(3, 2\), \(3, 2\), \(4, 2\)\]"
+    ):
+        module([x, x, torch.ones(4, 2)])
+    with pytest.raises(TypeError, match="one dtype"):
+        module([x, x, x.double()])
+    with pytest.raises(TypeError, match="floating point"):
+        module([x, x, torch.ones(3, 2, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="list or tuple of tensors"):
+        module("abc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"2 channels along dim 1, got shape \(3, 5\)"):
+        module([torch.ones(3, 5)] * 3)
+    with pytest.raises(IndexError, match="channel_dim in range"):
+        module([torch.ones(2)] * 3)
+    with pytest.raises(TypeError, match="mask to be a bool tensor"):
+        module([x] * 3, mask=torch.ones(3))
+    with pytest.raises(ValueError, match=r"mask of shape \(3,\) or \(3, 3\)"):
+        module([x] * 3, mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="every mask row"):
+        module([x] * 3, mask=torch.tensor([False, False, False]))
+    with pytest.raises(ValueError, match=r"every mask row, got none \(row 1\)"):
+        module([x] * 3, mask=torch.tensor([[True, False, False], [False] * 3, [True] * 3]))
+    # The mask row check applies to the present subset of a dict.
+    with pytest.raises(ValueError, match="every mask row"):
+        module({"a": x}, mask=torch.tensor([False, True, True]))
+    row_mask_on_channels = sumto.WeightedSum(2, channels=3, channel_dim=0)
+    with pytest.raises(ValueError, match="channel_dim != 0"):
+        row_mask_on_channels([torch.ones(3, 2)] * 2, mask=torch.ones(3, 2, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------
+# torch.compile, memory, training
+# ---------------------------------------------------------------------------
+
+
+def _compiled_matches_eager(
+    module: sumto.WeightedSum, call: Callable[[Any], Tensor], backend: str
+) -> None:
+    out = call(module)
+    out.sum().backward()
+    want = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+    module.zero_grad()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    got_out = call(compiled)
+    got_out.sum().backward()
+    got = [p.grad for p in module.parameters() if p.grad is not None]
+    assert_close(got_out, out, out.abs().max() + 1, torch.float32, 8, k=64)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, b.abs().max() + 1, torch.float32, 64, k=64)
+
+
+def test_compile_fullgraph_aot_eager_every_path() -> None:
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(3, 4, 5, generator=gen) for _ in range(3)]
+    mask = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    cases: list[tuple[sumto.WeightedSum, Callable[[Any], Tensor]]] = [
+        (sumto.WeightedSum(3, scale=True, bias=True), lambda m: m(xs)),
+        (sumto.WeightedSum(3), lambda m: m(torch.stack(xs))),
+        (
+            sumto.WeightedSum(names=["a", "b", "c"], method="sparsemax"),
+            lambda m: m({"a": xs[0], "c": xs[2]}),
+        ),
+        (sumto.WeightedSum(3, channels=4, bias=True), lambda m: m(xs, mask=mask)),
+        (
+            sumto.WeightedSum(3, weights="affine", channels=5, channel_dim=-1),
+            lambda m: m(xs, mask=mask[0]),
+        ),
+    ]
+    for module, call in cases:
+        randomise(module, gen)
+        _compiled_matches_eager(module, call, "aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor() -> None:
+    gen = torch.Generator().manual_seed(9)
+    module = sumto.WeightedSum(4, channels=3, scale=True, bias=True)
+    randomise(module, gen)
+    xs = [torch.randn(2, 3, 8, generator=gen, requires_grad=True) for _ in range(4)]
+    _compiled_matches_eager(module, lambda m: m(xs), "inductor")
+
+
+def test_compiled_empty_mask_row_gives_zero_weights_not_nan() -> None:
+    # Documented: compiled code cannot check mask rows without a device sync, so a row
+    # with no input present gets all-zero weights (the output is the bias).
+    module = sumto.WeightedSum(2, bias=True)
+    with torch.no_grad():
+        assert module.bias is not None
+        module.bias.fill_(0.5)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    mask = torch.tensor([[True, False], [False, False]])
+    out = compiled([torch.ones(2, 3), torch.ones(2, 3)], mask=mask)
+    assert torch.equal(out[0], torch.full((3,), 1.5)) and torch.equal(out[1], torch.full((3,), 0.5))
+
+
+def _large_allocations(fn: Callable[[], object], min_bytes: int) -> list[int]:
+    """Sizes of the torch CPU allocations of at least ``min_bytes`` made by ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if (
+            node.tag == torch._C._profiler._EventType.Allocation
+            and node.extra_fields.alloc_size >= min_bytes
+        ):
+            sizes.append(node.extra_fields.alloc_size)
+    return sizes
+
+
+@pytest.mark.parametrize("form", ["list", "stacked"])
+def test_forward_allocates_only_the_output_and_backward_only_the_gradients(form: str) -> None:
+    module = sumto.WeightedSum(6)
+    xs = [torch.randn(64, 64) for _ in range(6)]
+    inputs: Any = xs if form == "list" else torch.stack(xs)
+    nbytes = xs[0].nbytes
+    holder: list[Tensor] = []
+    assert _large_allocations(lambda: holder.append(module(inputs)), nbytes) == [nbytes]
+    grad = torch.randn(64, 64)
+    # Frozen inputs: the weights' gradient needs no input-sized temporary.
+    assert _large_allocations(lambda: holder[0].backward(grad), nbytes) == []
+    # Inputs that need gradients: exactly one allocation per gradient returned.
+    for x in xs if form == "list" else [inputs]:
+        x.requires_grad_(True)
+    out = module(inputs)
+    sizes = _large_allocations(lambda: out.backward(grad), nbytes)
+    assert sizes == ([nbytes] * 6 if form == "list" else [6 * nbytes])
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_adam_learns_a_known_mixture(kind: str, method: str) -> None:
+    torch.manual_seed(0)
+    module = sumto.WeightedSum(3, weights=kind, method=method)  # type: ignore[arg-type]
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    for _ in range(300):
+        xs = [torch.randn(32, 8) for _ in range(3)]
+        loss = (module(xs) - (0.7 * xs[0] + 0.3 * xs[2])).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # Softmax only approaches an exact 0 as its pre-weight goes to -inf.
+    tol = 0.03 if method == "softmax" and kind == "simplex" else 1e-3
+    assert torch.allclose(module.weights.detach(), torch.tensor([0.7, 0.0, 0.3]), atol=tol)
+
+
+# ---------------------------------------------------------------------------
+# examples
+# ---------------------------------------------------------------------------
+
+
+def _load_example(name: str) -> Any:
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_fixed_k_finds_the_useful_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _load_example("weighted_sum_fixed_k").main(["--steps", "60"])
+    assert result["top_layer"] == 4.0
+    assert "layer weights" in capsys.readouterr().out
+
+
+def test_example_bias_with_batched_inputs_fits_weights_and_bias() -> None:
+    result = _load_example("weighted_sum_bias_batched").main(["--steps", "150"])
+    assert result["weight_error"] < 0.05 and result["bias_error"] < 0.05
+
+
+def test_example_varying_inputs_trains_one_parameter() -> None:
+    result = _load_example("weighted_sum_varying_inputs").main(["--steps", "150"])
+    assert result["weight_error"] < 0.05
