@@ -222,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--shape", type=int, nargs="+", default=[16, 128, 768])
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
     args = parser.parse_args(argv)
     if args.quick:
         args.num_inputs, args.shape, args.rounds, args.min_run_time = 4, [2, 8, 32], 1, 0.05

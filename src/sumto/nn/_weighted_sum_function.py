@@ -146,7 +146,10 @@ def _coefficient_grad(
     scratch = torch.empty(grad.shape, dtype=acc_dtype, device=grad.device)
     parts = []
     for x in xs:
-        torch.mul(grad, x, out=scratch)
+        if scratch.dtype == grad.dtype:
+            torch.mul(grad, x, out=scratch)
+        else:  # half inputs: multiply in float32, where their products are exact
+            scratch.copy_(x).mul_(grad)
         parts.append(_reduce_to(scratch, w_shape, acc_dtype))
     return torch.stack(parts)
 

@@ -76,6 +76,14 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         channels: C, to learn one weight vector per channel (shape ``(K, C)``).
         channel_dim: Dim of each input holding the C channels.
 
+    Attributes:
+        weights: The current constrained weights, shape ``(K,)`` or ``(K, C)``
+            (an ``UninitializedParameter`` until a lazy module's first call).
+        scale: The scalar :math:`\gamma`, or ``None``.
+        bias: The bias, shape ``()`` or ``(C,)``, or ``None``.
+        num_inputs: K, or ``None`` until a lazy module's first call.
+        names: The input names, or ``None``.
+
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If ``num_inputs`` < 1, ``names`` are empty or repeated, K from
