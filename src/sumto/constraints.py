@@ -10,6 +10,7 @@ plain checkpoints loadable.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -172,6 +173,28 @@ class Constraint(nn.Module):
         self._bind_shape(shape)
         self._shape = shape
         self._dtype = tensor.dtype
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Constraint:
+        """Convert buffers that define the set to wider dtypes only, never to narrower ones.
+
+        # Note [Set-defining buffers never lose precision]
+        ``model.to(torch.bfloat16)`` or ``model.half()`` would round a tensor total or
+        a projection basis: the set itself would change, and stay changed after
+        ``.float()``. Such buffers take the device of ``fn``'s result and the wider of
+        their dtype and its dtype. The recorded dtype follows the pre-weights (``fn``
+        converts them), so that assignments after ``.to(dtype)`` keep working.
+        """
+        buffers = {id(b) for b in self._buffers.values() if b is not None}
+
+        def widen_only(t: Tensor) -> Tensor:
+            if id(t) in buffers and t.is_floating_point():
+                target = fn(t.new_empty(0))
+                return t.to(device=target.device, dtype=torch.promote_types(t.dtype, target.dtype))
+            return fn(t)
+
+        if self._dtype is not None:
+            self._dtype = fn(torch.empty(0, dtype=self._dtype)).dtype
+        return super()._apply(widen_only, recurse)  # type: ignore[no-any-return,no-untyped-call]
 
     def check_member(self, value: Tensor, what: str = "value") -> None:
         """Raise ValueError unless ``value`` has the bound shape and lies on the set.
