@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -21,6 +21,16 @@ from torch.nn.utils import parametrize
 
 import sumto
 
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread (two threads spin more than they compute)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # One constrained module per constraint; each maps (B, 4) -> (B, 3).
 CONSTRAINED: dict[str, Callable[[], nn.Module]] = {
     "sum_to": lambda: sumto.sum_to(nn.Linear(4, 3), total=torch.tensor([1.0, -2.0, 0.5])),
@@ -28,6 +38,9 @@ CONSTRAINED: dict[str, Callable[[], nn.Module]] = {
     "sparsemax": lambda: sumto.simplex(nn.Linear(4, 3), method="sparsemax", dim=(0, 1)),
     "relu": lambda: sumto.simplex(nn.Linear(4, 3), method="relu", total=3.0),
     "box_sum": lambda: sumto.box_sum(nn.Linear(4, 3), lower=-0.25, upper=0.75),
+    "linear_equality": lambda: sumto.linear_equality(
+        nn.Linear(4, 3), A=[[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 0.0, 0.0]], b=[1.0, 0.5]
+    ),
 }
 
 
@@ -40,13 +53,16 @@ class Net(nn.Module):
         self.parts = nn.ModuleList(
             [nn.Sequential(make(), nn.Tanh(), nn.Linear(3, 4)) for make in CONSTRAINED.values()]
         )
-        self.conv = sumto.sum_to(nn.Conv2d(1, 2, 3), dim=(1, 2, 3))
+        self.mix = sumto.WeightedSum(len(CONSTRAINED), method="relu", scale=True)
+        self.bayar = sumto.bayar(nn.Conv2d(1, 2, 3))
+        self.conv = sumto.sum_to(nn.Conv2d(2, 2, 3, padding=1), dim=(1, 2, 3))
+        self.projected = nn.Linear(4, 4)  # kept on the simplex by project_on_step
 
     def forward(self, x: Tensor, img: Tensor) -> Tensor:
         h = self.first(x)
-        for part in self.parts:
-            h = h + part(h)
-        return h + self.conv(img).mean((2, 3)).sum(1, keepdim=True)
+        h = h + self.mix([part(h) for part in self.parts])
+        h = self.projected(torch.tanh(h))
+        return h + self.conv(self.bayar(img)).mean((2, 3)).sum(1, keepdim=True)
 
 
 def make_net(seed: int) -> Net:
@@ -67,8 +83,10 @@ def train(net: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
         opt.step()
 
 
-def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(net.parameters(), lr=0.02, weight_decay=1e-3)
+def make_optimizer(net: Net) -> torch.optim.Optimizer:
+    opt = torch.optim.Adam(net.parameters(), lr=0.02, weight_decay=1e-3)
+    sumto.project_on_step(opt, net.projected.weight, sumto.Simplex())
+    return opt
 
 
 def test_resume_from_state_dicts_is_bit_identical_to_uninterrupted_training() -> None:
@@ -103,7 +121,10 @@ def test_resume_from_state_dicts_is_bit_identical_to_uninterrupted_training() ->
         assert torch.equal(p, q), name
     x, img = torch.randn(3, 5), torch.randn(3, 1, 5, 5)
     assert torch.equal(resumed(x, img), reference(x, img))
-    assert all(v <= 1e-5 for v in sumto.check(resumed).values())
+    report = sumto.check(resumed)
+    assert {"projected.weight", "mix.weights", "bayar.weight", "conv.weight"} <= set(report)
+    assert len(report) == len(CONSTRAINED) + 4
+    assert all(v <= 1e-5 for v in report.values()), report
 
 
 @pytest.mark.parametrize("save", ["torch.save", "pickle", "copy.copy"])
@@ -136,49 +157,64 @@ def test_baked_model_pickles_and_keeps_its_values() -> None:
         assert torch.equal(loaded(x, img), expected)
 
 
-@pytest.mark.parametrize("kind", sorted(CONSTRAINED))
-def test_deepcopy_is_independent_of_the_source(kind: str) -> None:
+# Every kind of constrained tensor: (factory, name of the constrained tensor).
+COPYABLE: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    **{kind: (make, "weight") for kind, make in CONSTRAINED.items()},
+    "bayar": (lambda: sumto.bayar(nn.Conv2d(1, 2, 3)), "weight"),
+    "weighted_sum": (lambda: sumto.WeightedSum(3, weights="affine"), "weights"),
+}
+
+
+def make_copyable(kind: str) -> tuple[nn.Module, str]:
     torch.manual_seed(0)
-    source = CONSTRAINED[kind]()
-    before = source.weight.detach().clone()
+    make, name = COPYABLE[kind]
+    return make(), name
+
+
+@pytest.mark.parametrize("kind", sorted(COPYABLE))
+def test_deepcopy_is_independent_of_the_source(kind: str) -> None:
+    source, name = make_copyable(kind)
+    before = getattr(source, name).detach().clone()
     clone = copy.deepcopy(source)
-    assert torch.equal(clone.weight, before)
+    assert torch.equal(getattr(clone, name), before)
     assert clone.state_dict().keys() == source.state_dict().keys()
+    original = clone.parametrizations[name].original
     with torch.no_grad():
-        clone.parametrizations.weight.original.add_(torch.randn(3, 4))
-    assert torch.equal(source.weight, before)
-    assert not torch.equal(clone.weight, before)
+        original.add_(torch.randn(original.shape))
+    assert torch.equal(getattr(source, name), before)
+    assert not torch.equal(getattr(clone, name), before)
     # Baking the copy must leave the source parametrized and readable.
     sumto.bake(clone)
-    assert parametrize.is_parametrized(source, "weight")
-    assert torch.equal(source.weight, before)
-    assert list(sumto.check(source)) == ["weight"]
+    assert not parametrize.is_parametrized(clone, name)
+    assert parametrize.is_parametrized(source, name)
+    assert torch.equal(getattr(source, name), before)
+    assert list(sumto.check(source)) == [name]
 
 
-@pytest.mark.parametrize("kind", sorted(CONSTRAINED))
+@pytest.mark.parametrize("kind", sorted(COPYABLE))
 @pytest.mark.parametrize("first", ["source", "copy"])
 @pytest.mark.parametrize("copy_inside", [True, False])
 def test_deepcopy_inside_cached_reads_its_own_weight(
     kind: str, first: str, copy_inside: bool
 ) -> None:
     """parametrize.cached() keys its cache per module: a copy must not read the source's entry."""
-    torch.manual_seed(0)
-    source = CONSTRAINED[kind]()
+    source, name = make_copyable(kind)
     clone = None if copy_inside else copy.deepcopy(source)
     with parametrize.cached():
         if clone is None:
-            _ = source.weight  # the source's entry exists before the copy is made
+            _ = getattr(source, name)  # the source's entry exists before the copy is made
             clone = copy.deepcopy(source)
         with torch.no_grad():
-            clone.parametrizations.weight.original.mul_(-3.0).add_(1.0)
-        want_source = source.parametrizations.weight()  # uncached evaluations
-        want_clone = clone.parametrizations.weight()
+            original = clone.parametrizations[name].original
+            original.add_(torch.arange(original.numel()).reshape(original.shape))
+        want_source = source.parametrizations[name]()  # uncached evaluations
+        want_clone = clone.parametrizations[name]()
         assert not torch.equal(want_source, want_clone)
         order = [(source, want_source), (clone, want_clone)]
         for module, want in order if first == "source" else order[::-1]:
-            got = module.weight
+            got = getattr(module, name)
             assert torch.equal(got, want)
-            assert module.weight is got  # served from this module's own cache entry
+            assert getattr(module, name) is got  # served from this module's own cache entry
 
 
 def test_deepcopy_of_a_copy_and_registering_on_a_copy_stay_separate() -> None:
