@@ -90,7 +90,9 @@ def project_on_step(
         optimizer: Optimizer whose ``param_groups`` hold ``param``.
         param: The parameter to keep on the set (stays a plain ``nn.Parameter``).
         constraint: Any :class:`sumto.Constraint` (e.g. :class:`sumto.Simplex`,
-            :class:`sumto.AffineSum`, :meth:`sumto.LinearEquality.bayar`).
+            :class:`sumto.AffineSum`, :meth:`sumto.LinearEquality.bayar`). Its
+            tensors are placed on ``param``'s device here, so call this after moving
+            the model (otherwise they are copied over at every step).
 
     Returns:
         A handle whose ``remove()`` stops the projection (also a context manager).
