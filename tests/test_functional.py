@@ -206,6 +206,34 @@ def test_project_box_sum_matches_bisection_reference(
     assert_sums_scaled(y, x, total, dims)
 
 
+@given(
+    x=arrays(
+        np.float64,
+        st.tuples(st.integers(1, 6), st.integers(1, 16)),
+        elements=st.sampled_from([-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0]),
+    ).map(torch.from_numpy),
+    total=st.sampled_from([0.25, 1.0, 2.0, 7.0]),
+    bounds=st.sampled_from([(-1.0, 1.0), (0.0, 0.5), (-0.5, math.inf), (-math.inf, 2.0)]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_projections_on_tie_heavy_inputs_match_references(
+    x: Tensor, total: float, bounds: tuple[float, float], dtype: torch.dtype
+) -> None:
+    # Few distinct values: many ties, and thresholds that land exactly on entries.
+    xd = x.to(dtype)
+    y = project_simplex(xd, total)
+    assert bool((y >= 0).all())
+    assert_matches_reference(y, ref_project_simplex(xd.double(), total, (-1,)), xd, total, (-1,))
+    lower, upper = bounds
+    n = x.shape[-1]
+    total = min(max(total, n * lower), n * upper)
+    y = project_box_sum(xd, total, lower=lower, upper=upper)
+    assert bool((y >= lower).all()) and bool((y <= upper).all())
+    expected = ref_project_box_sum(xd.double(), total, (-1,), lower, upper)
+    bound_mass = n * max(abs(b) for b in bounds if math.isfinite(b))
+    assert_matches_reference(y, expected, xd, total, (-1,), bound_mass)
+
+
 @given(data=st.data())
 def test_box_sum_reduces_to_sum_and_simplex(data: st.DataObject) -> None:
     shape, dim, dims = data.draw(shape_and_dim(max_ndim=3))
