@@ -164,5 +164,10 @@ def weighted_sum(
     if isinstance(inputs, Tensor):
         result: Tensor = _WeightedSumFunction.apply(coefficients, bias, True, inputs)  # type: ignore[no-untyped-call]
     else:
-        result = _WeightedSumFunction.apply(coefficients, bias, False, *inputs)  # type: ignore[no-untyped-call]
+        # torch.compile refuses one tensor passed twice to autograd.Function.apply
+        # ("duplicate tensor input"): repeats go in as views (free, same gradient).
+        distinct: list[Tensor] = []
+        for x in inputs:
+            distinct.append(x.view_as(x) if any(x is y for y in distinct) else x)
+        result = _WeightedSumFunction.apply(coefficients, bias, False, *distinct)  # type: ignore[no-untyped-call]
     return result
