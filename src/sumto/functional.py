@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from sumto import _kernels
+
 __all__ = [
     "project_box_sum",
     "project_simplex",
@@ -235,8 +237,17 @@ def _simplex_threshold_sort(rows: Tensor, total: Tensor | float) -> Tensor:
 
 
 def _simplex_support(rows: Tensor, total: Tensor | float) -> Tensor:
+    """Support mask like :func:`_simplex_threshold_sort`, by the sort-free exact search."""
     with torch.no_grad():
-        return _simplex_threshold_sort(rows, total)
+        tau, _ = _kernels.simplex_threshold(rows, total)
+        return rows > tau
+
+
+def _needs_grad(rows: Tensor, total: Tensor | float) -> bool:
+    """Whether autograd records the projection (else in-place shortcuts are safe)."""
+    if not torch.is_grad_enabled():
+        return False
+    return rows.requires_grad or (isinstance(total, Tensor) and total.requires_grad)
 
 
 def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
@@ -251,15 +262,33 @@ def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
     """
     # Clamped so that a spread beyond the dtype's range gives -max, never -inf
     # (-inf * 0 = nan in the sums below); those entries are far outside the support.
-    shifted = (rows - rows.detach().amax(-1, keepdim=True)).clamp_min(-torch.finfo(rows.dtype).max)
-    support = _simplex_support(shifted, total)
-    mask = support.to(rows.dtype)
+    floor = -torch.finfo(rows.dtype).max
+    shift = rows.detach().amax(-1, keepdim=True)
+    if not _needs_grad(rows, total):
+        # The search's tau is already (sum_S x - total) / |S| on the exact support.
+        shifted = (rows - shift).clamp_min_(floor)
+        tau, _ = _kernels.simplex_threshold(shifted, total)
+        return shifted.sub_(tau).clamp_min_(0.0)
+    shifted = (rows - shift).clamp_min(floor)
+    tau, _ = _kernels.simplex_threshold(shifted, total)
+    above = torch.relu(shifted - tau)  # its gradient is 1 exactly on S
+    mask = above.detach().sign()
     count = mask.sum(-1, keepdim=True).clamp_min(1.0)
-    tau = ((shifted * mask).sum(-1, keepdim=True) - total) / count
-    return torch.where(support, shifted - tau, torch.zeros_like(shifted))
+    # (sum_S x - total) / |S| = tau + correction, with the gradient of the left side.
+    correction = (above.sum(-1, keepdim=True) - total) / count
+    return above - correction * mask
 
 
 def _box_support(
+    rows: Tensor, total: Tensor | float, lower: float, upper: float
+) -> tuple[Tensor, Tensor]:
+    """Masks (free, at_upper) of the box-sum projection, by the sort-free exact search."""
+    with torch.no_grad():
+        diff = rows - _kernels.box_threshold(rows, total, lower, upper)
+        return (diff > lower) & (diff < upper), diff >= upper
+
+
+def _box_support_sort(
     rows: Tensor, total: Tensor | float, lower: float, upper: float
 ) -> tuple[Tensor, Tensor]:
     """Masks (free, at_upper) of the box-sum projection, found exactly by sorting breakpoints.
@@ -319,6 +348,9 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
         return lower + _project_simplex_rows(rows - lower, total - n * lower)
     if math.isinf(lower):
         return upper - _project_simplex_rows(upper - rows, n * upper - total)
+    if not _needs_grad(rows, total):
+        # The search's tau is exact on its classification; clamp keeps the bounds.
+        return (rows - _kernels.box_threshold(rows, total, lower, upper)).clamp_(lower, upper)
     free, at_upper = _box_support(rows, total, lower, upper)
     free_f = free.to(rows.dtype)
     upper_f = at_upper.to(rows.dtype)

@@ -1,0 +1,411 @@
+"""Exact threshold searches behind the simplex and box-sum projections (private).
+
+Both projections have the form ``y = clamp(x - tau, lower, upper)`` with one scalar
+``tau`` per row, the root of a non-increasing piecewise-linear function of ``tau``.
+The functions here find that root exactly (up to rounding); the differentiable
+output is then built from it in :mod:`sumto.functional`.
+
+On CPU in eager mode the searches below run: sort-free, with pruning and an early
+exit per row (data-dependent loop counts and shapes, and a few tiny host
+synchronisations, which cost nothing on CPU). Everywhere else the sort-based
+algorithms of :mod:`sumto.functional` run instead, see Note [Threshold search off
+eager CPU].
+
+Note [Simplex threshold by Newton's method]
+For a row ``x`` (shifted so that ``max(x) = 0``) and a total ``c > 0`` the simplex
+projection is ``max(x - tau, 0)`` with ``tau`` the root of the convex, strictly
+decreasing, piecewise-linear ``f(t) = sum_i max(x_i - t, 0) - c``. The root lies in
+``[max(-c, (sum(x) - c) / n), -c / n]``. A Newton step from any point ``p`` below
+``max(x)``, ``p + f(p) / #{x_i > p}``, is a lower bound of the root, because the
+tangent of a convex function lies below it. Newton from a lower bound (Michelot's
+algorithm) therefore climbs monotonically; it stops at the root as soon as the
+support ``{x_i > t}`` no longer changes, after at most ``n`` steps and in practice
+a handful. Two tricks make each step cheap on CPU:
+
+* counts are sums of ``sign(max(x - t, 0))`` in the row's float dtype, never
+  boolean reductions (very slow on CPU), and all full-size work reuses one buffer
+  (fresh large temporaries cost page faults);
+* pruning: split each row into ``_GROUP`` interleaved stripes and take the
+  elementwise max over the stripes, ``m_j = max_s x[s * k + j]``. Since every
+  group contributes at least its max, ``sum_j max(m_j - t, 0) <= f(t) + c``, so the
+  root of the coarse problem on ``m`` (solved recursively) is a lower bound of
+  ``tau``. Entries of groups whose max is below that bound can never be in the
+  support; the remaining groups are gathered into a small dense matrix on which
+  Newton's method finishes exactly.
+
+Note [Box threshold by safeguarded Newton]
+For bounds ``l < u`` the box-sum projection is ``clamp(x - tau, l, u)`` with
+``h(tau) = c``, ``h(t) = sum_i clamp(x_i - t, l, u)``, continuous, non-increasing
+and piecewise linear with slope ``-#free(t)``. Newton steps are kept inside a
+bracket ``[lo, hi]`` (``h(lo) >= c > h(hi)``) and replaced by bisection when they
+leave it (and every eighth step). A row is finished when a Newton step does not
+change the classification of any entry (the counts at the lower and upper bounds
+are unchanged, and the sets move monotonically, so the sets are unchanged), when
+the step no longer changes ``t`` in floating point, or when the bracket has shrunk
+to adjacent floats; its ``tau`` is then one Newton step from its classification,
+which is exact. The starting point is the solution of the same problem on a
+strided subsample (total scaled by the sampling ratio), usually within a step or
+two of the root. Finished rows are dropped from the working set.
+
+Note [Threshold search off eager CPU]
+On other devices, while ``torch.compile``/``torch.export``/``torch.jit.trace``
+record, and under ``torch.func`` transforms, the data-dependent loops above would
+synchronise with the device, break the graph or be baked into a trace. There the
+sort-based algorithms run: exact, free of host synchronisation, and small graphs
+(a fixed-step bisection on the bit patterns of ``tau`` is exact too, but its 32 to
+64 unrolled steps made compiling a model several times slower, and the tracer of
+``torch.jit.trace`` cannot record its bit casts). The same exact fallback finishes
+the rare rows that the CPU searches have not settled after ``_MAX_STEPS`` steps,
+which bounds their cost on adversarial inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+# Stripe count of the coarse simplex problem, and the row length below which the
+# simplex search runs on the full row directly.
+_GROUP = 16
+_MIN_PRUNE = 256
+# Subsampling stride of the box search's starting point, and the row length below
+# which the starting point is the affine projection's shift instead.
+_STRIDE = 8
+_MIN_SUBSAMPLE = 256
+# Every _BISECT_EVERY-th box step is a bisection step; rows still running after
+# _MAX_STEPS steps of a CPU search finish with the sort-based search.
+_BISECT_EVERY = 8
+_MAX_STEPS = 64
+
+
+# ---------------------------------------------------------------------------
+# dispatch helpers
+# ---------------------------------------------------------------------------
+
+
+def _is_functorch_wrapped(x: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
+def _jit_tracing() -> bool:
+    return bool(torch._C._get_tracing_state())
+
+
+def use_adaptive(x: Tensor) -> bool:
+    """Whether the data-dependent (early-exit) search may run on ``x``.
+
+    Only on CPU in plain eager mode: not while compiling or exporting, not while
+    ``torch.jit.trace`` records (the loop counts would be baked into the trace),
+    and not under ``torch.func`` transforms.
+    """
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not _jit_tracing()
+        and not _is_functorch_wrapped(x)
+    )
+
+
+def _as_matrix(rows: Tensor) -> Tensor:
+    """``rows`` (..., n) as a contiguous (R, n) matrix (a view when possible)."""
+    return rows.reshape(-1, rows.shape[-1]).contiguous()
+
+
+def _total_column(total: Tensor | float, rows: Tensor, count: int) -> Tensor | float:
+    """The total as a float or a (R, 1) tensor aligned with :func:`_as_matrix`."""
+    if not isinstance(total, Tensor):
+        return float(total)
+    t = total.to(dtype=rows.dtype, device=rows.device)
+    return t.expand(*rows.shape[:-1], 1).reshape(count, 1)
+
+
+# ---------------------------------------------------------------------------
+# simplex: see Note [Simplex threshold by Newton's method]
+# ---------------------------------------------------------------------------
+
+
+def simplex_threshold(rows: Tensor, total: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Threshold and support size of the simplex projection of each row.
+
+    Args:
+        rows: Tensor ``(..., n)`` (float32 or float64) whose rows have max exactly 0.
+        total: Positive float, or tensor broadcastable to ``(..., 1)``.
+
+    Returns:
+        ``(tau, count)``, both of shape ``(..., 1)`` and ``rows``' dtype:
+        ``max(rows - tau, 0)`` sums to ``total`` and has ``count`` positive entries.
+    """
+    with torch.no_grad():
+        x = _as_matrix(rows.detach())
+        c = _total_column(total, rows, x.shape[0])
+        if use_adaptive(x):
+            tau, count = _simplex_adaptive(x, c)
+        else:
+            tau, count = _simplex_sorted(x, c)
+        out_shape = (*rows.shape[:-1], 1)
+        return tau.reshape(out_shape), count.reshape(out_shape)
+
+
+def _simplex_lower_bound(x: Tensor, c: Tensor | float) -> Tensor:
+    n = x.shape[1]
+    mean_bound = (x.sum(-1, keepdim=True) - c) / n
+    if isinstance(c, Tensor):
+        return torch.maximum(mean_bound, -c)
+    return mean_bound.clamp_min(-c)
+
+
+def _simplex_adaptive(x: Tensor, c: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Exact threshold with pruning and early exit (eager CPU)."""
+    rows, n = x.shape
+    lo = _simplex_lower_bound(x, c)
+    if rows == 0 or n < _MIN_PRUNE:
+        return _simplex_newton(x, c, lo)
+    k = n // _GROUP
+    head = x[:, : k * _GROUP].view(rows, _GROUP, k)
+    tail = x[:, k * _GROUP :]
+    group_max = head.amax(1)
+    coarse = torch.cat([group_max, tail], 1) if tail.shape[1] > 0 else group_max
+    coarse_tau, _ = _simplex_adaptive(coarse, c)
+    lo = torch.maximum(lo, coarse_tau)
+    candidate = group_max > lo
+    per_row = candidate.view(torch.uint8).sum(-1, dtype=torch.int32)
+    kmax = int(per_row.max())
+    width = kmax * _GROUP + tail.shape[1]
+    if 2 * width > n:
+        return _simplex_newton(x, c, lo)
+    # Gather the candidate groups into a dense (rows, width) matrix padded with lo:
+    # padding never exceeds a threshold t >= lo, so it never enters the support.
+    index = candidate.nonzero()
+    row_id, group_id = index[:, 0], index[:, 1]
+    starts = (per_row.cumsum(0) - per_row).to(torch.int64)
+    position = torch.arange(index.shape[0], device=x.device) - starts[row_id]
+    dense = lo.view(rows, 1, 1).expand(rows, kmax, _GROUP).clone()
+    dense[row_id, position] = head[row_id, :, group_id]
+    packed = dense.view(rows, kmax * _GROUP)
+    if tail.shape[1] > 0:
+        packed = torch.cat([packed, tail], 1)
+    return _simplex_newton(packed, c, lo)
+
+
+def _rows(value: Tensor, keep: Tensor) -> Tensor:
+    """The rows ``keep`` of ``value`` (``index_select`` is much faster than ``value[keep]``)."""
+    return torch.index_select(value, 0, keep)
+
+
+def _take(value: Tensor | float, keep: Tensor) -> Tensor | float:
+    return _rows(value, keep) if isinstance(value, Tensor) else value
+
+
+def _simplex_newton(x: Tensor, c: Tensor | float, lo: Tensor) -> tuple[Tensor, Tensor]:
+    """Michelot/Newton iterations from the lower bound ``lo`` until the support is stable.
+
+    On long rows, converged rows are written out and, once they are at least half of
+    the working set, dropped from it. Rows still running after ``_MAX_STEPS`` steps
+    (adversarial inputs; typical rows need fewer than 12) finish by sorting.
+    """
+    n = x.shape[1]
+    long_rows = n >= _MIN_PRUNE
+    tau_out = torch.empty_like(lo)
+    count_out = torch.empty_like(lo)
+    ids: Tensor | None = None  # working row -> output row (None: identity)
+    work = torch.empty_like(x)
+    t = lo
+    previous: Tensor | None = None
+    for _ in range(_MAX_STEPS):
+        active = x.shape[0]
+        buffer = work[:active]
+        torch.sub(x, t, out=buffer).clamp_min_(0.0)
+        above = buffer.sum(-1, keepdim=True)
+        count = buffer.sign_().sum(-1, keepdim=True)
+        # count >= 1 below max(x) = 0; count = 0 only for total = 0, where tau = 0
+        step = torch.addcdiv(t, above - c, count.clamp_min(1.0))
+        done = ~(step > t)  # no progress; also stops rows with NaN entries
+        if previous is not None:
+            done |= count == previous
+        if long_rows:
+            finished = int(done.sum())
+            if finished == active:
+                _write(tau_out, step, ids, None)
+                _write(count_out, count, ids, None)
+                return tau_out, count_out
+            if 2 * finished >= active:
+                _write(tau_out, step, ids, done)
+                _write(count_out, count, ids, done)
+                keep = (~done).nonzero()[:, 0]
+                ids = keep if ids is None else ids[keep]
+                x, c = _rows(x, keep), _take(c, keep)
+                t, previous = _rows(step, keep), _rows(count, keep)
+                continue
+        elif bool(done.all()):
+            _write(tau_out, step, ids, None)
+            _write(count_out, count, ids, None)
+            return tau_out, count_out
+        # Converged rows stay converged: at their root, step <= t or the count repeats.
+        t = torch.maximum(t, step)
+        previous = count
+    tau, count = _simplex_sorted(x, c)
+    _write(tau_out, tau, ids, None)
+    _write(count_out, count, ids, None)
+    return tau_out, count_out
+
+
+def _write(out: Tensor, value: Tensor, ids: Tensor | None, mask: Tensor | None) -> None:
+    """``out[ids[mask]] = value[mask]`` with ``None`` meaning all rows."""
+    if mask is not None:
+        value = value[mask[:, 0]]
+        if ids is None:
+            out[mask[:, 0]] = value
+            return
+        ids = ids[mask[:, 0]]
+    if ids is None:
+        out.copy_(value)
+    else:
+        out[ids] = value
+
+
+# ---------------------------------------------------------------------------
+# box: see Note [Box threshold by safeguarded Newton]
+# ---------------------------------------------------------------------------
+
+
+def box_threshold(rows: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Shift ``tau`` of the projection ``clamp(rows - tau, lower, upper)`` onto a fixed sum.
+
+    Args:
+        rows: Tensor ``(..., n)``, float32 or float64.
+        total: Float or tensor broadcastable to ``(..., 1)``, with
+            ``n * lower <= total <= n * upper``.
+        lower: Finite lower bound.
+        upper: Finite upper bound, ``upper >= lower``.
+
+    Returns:
+        ``tau`` of shape ``(..., 1)``: ``clamp(rows - tau, lower, upper)`` sums to
+        ``total``, and the classification of the entries at ``tau`` (below,
+        between or above the bounds) is that of the solution.
+    """
+    with torch.no_grad():
+        x = _as_matrix(rows.detach())
+        c = _total_column(total, rows, x.shape[0])
+        if use_adaptive(x):
+            tau = _box_adaptive(x, c, lower, upper)
+        else:
+            tau = _box_sorted(x, c, lower, upper)
+        return tau.reshape(*rows.shape[:-1], 1)
+
+
+def _box_evaluate(
+    x: Tensor, t: Tensor, lower: float, upper: float, work: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h(t), #at upper, #at lower)`` per row, in ``x``'s dtype, with one work buffer.
+
+    ``#at upper`` counts an entry with ``x - t == upper`` exactly as one half: the
+    counts only steer Newton's step and detect a change of classification.
+    """
+    n = x.shape[1]
+    # sum of sign(x - t - upper) = #above - #below
+    at_upper = (torch.sub(x, t + upper, out=work).sign_().sum(-1, keepdim=True) + n) * 0.5
+    torch.sub(x, t, out=work).clamp_(lower, upper)
+    value = work.sum(-1, keepdim=True)
+    at_lower = n - work.sub_(lower).sign_().sum(-1, keepdim=True)
+    return value, at_upper, at_lower
+
+
+def _box_start(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Starting shift: the subsample's solution, or the affine projection's shift."""
+    n = x.shape[1]
+    if n >= _MIN_SUBSAMPLE:
+        sample = x[:, ::_STRIDE].contiguous()
+        ratio = sample.shape[1] / n
+        return _box_adaptive(sample, c * ratio, lower, upper)
+    return (x.sum(-1, keepdim=True) - c) / n
+
+
+def _box_adaptive(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Exact shift by safeguarded Newton with early exit (eager CPU)."""
+    rows, n = x.shape
+    lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
+    hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
+    tau_out = torch.empty_like(lo)
+    if rows == 0:
+        return tau_out
+    t = torch.minimum(torch.maximum(_box_start(x, c, lower, upper), lo), hi)
+    work = torch.empty_like(x)
+    ids: Tensor | None = None
+    finished = torch.zeros_like(lo, dtype=torch.bool)
+    result = t
+    newton_before = torch.zeros_like(finished)
+    previous: tuple[Tensor, Tensor] | None = None
+    for iteration in range(_MAX_STEPS):
+        active = x.shape[0]
+        value, at_upper, at_lower = _box_evaluate(x, t, lower, upper, work[:active])
+        excess = value - c
+        free = n - at_upper - at_lower
+        above = excess >= 0
+        lo = torch.where(above, t, lo)
+        hi = torch.where(above, hi, t)
+        newton = t + excess / free
+        done = (excess == 0) | (newton == t) | ~(torch.nextafter(lo, hi) < hi)
+        if previous is not None:
+            done |= newton_before & (at_upper == previous[0]) & (at_lower == previous[1])
+        done &= ~finished
+        # the exact shift from the classification at t (t itself on a flat piece)
+        result = torch.where(done, torch.where(free > 0, newton, t), result)
+        finished = finished | done
+        count = int(finished.sum())
+        if count == active:
+            _write(tau_out, result, ids, None)
+            return tau_out
+        use_newton = (free > 0) & (newton > lo) & (newton < hi)
+        if iteration % _BISECT_EVERY == _BISECT_EVERY - 1:
+            use_newton = torch.zeros_like(use_newton)
+        # finished rows stay where they are
+        midpoint = 0.5 * lo + 0.5 * hi  # (no overflow)
+        t = torch.where(finished, t, torch.where(use_newton, newton, midpoint))
+        newton_before = use_newton
+        previous = (at_upper, at_lower)
+        if 2 * count >= active and n >= _MIN_SUBSAMPLE:
+            _write(tau_out, result, ids, finished)
+            keep = (~finished).nonzero()[:, 0]
+            ids = keep if ids is None else ids[keep]
+            x, c, t = _rows(x, keep), _take(c, keep), _rows(t, keep)
+            lo, hi, result = _rows(lo, keep), _rows(hi, keep), _rows(result, keep)
+            newton_before = _rows(newton_before, keep)
+            previous = (_rows(at_upper, keep), _rows(at_lower, keep))
+            finished = _rows(finished, keep)
+    # adversarial rows: finish exactly by sorting
+    result = torch.where(finished, result, _box_sorted(x, c, lower, upper))
+    _write(tau_out, result, ids, None)
+    return tau_out
+
+
+# ---------------------------------------------------------------------------
+# exact sort-based searches (Note [Threshold search off eager CPU]); they live in
+# sumto.functional, imported lazily because that module imports this one
+# ---------------------------------------------------------------------------
+
+
+def _simplex_sorted(x: Tensor, c: Tensor | float) -> tuple[Tensor, Tensor]:
+    from sumto.functional import _simplex_threshold_sort
+
+    support = _simplex_threshold_sort(x, c).to(x.dtype)
+    count = support.sum(-1, keepdim=True).clamp_min(1.0)
+    return ((x * support).sum(-1, keepdim=True) - c) / count, count
+
+
+def _box_sorted(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
+    from sumto.functional import _box_support_sort
+
+    free_mask, upper_mask = _box_support_sort(x, c, lower, upper)
+    free = free_mask.to(x.dtype)
+    at_upper = upper_mask.to(x.dtype)
+    at_lower = 1.0 - free - at_upper
+    count = free.sum(-1, keepdim=True)
+    fixed = upper * at_upper.sum(-1, keepdim=True) + lower * at_lower.sum(-1, keepdim=True)
+    tau = ((x * free).sum(-1, keepdim=True) - (c - fixed)) / count.clamp_min(1.0)
+    # With no free entry any shift between the two bound classes works: take the
+    # smallest one that keeps every lower entry at the lower bound.
+    flat = torch.where(at_lower > 0, x - lower, torch.full_like(x, -torch.inf))
+    return torch.where(count > 0, tau, flat.amax(-1, keepdim=True))
