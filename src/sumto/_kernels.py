@@ -271,7 +271,13 @@ def _write(out: Tensor, value: Tensor, ids: Tensor | None, mask: Tensor | None) 
 # ---------------------------------------------------------------------------
 
 
-def box_threshold(rows: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def box_threshold(
+    rows: Tensor,
+    total: Tensor | float,
+    lower: float,
+    upper: float,
+    scratch: Tensor | None = None,
+) -> Tensor:
     """Shift ``tau`` of the projection ``clamp(rows - tau, lower, upper)`` onto a fixed sum.
 
     Args:
@@ -280,6 +286,9 @@ def box_threshold(rows: Tensor, total: Tensor | float, lower: float, upper: floa
             ``n * lower <= total <= n * upper``.
         lower: Finite lower bound.
         upper: Finite upper bound, ``upper >= lower``.
+        scratch: Optional contiguous tensor with ``rows``' dtype and number of
+            entries, used as the search's work buffer (e.g. the output's storage: a
+            second fresh buffer of that size costs page faults on CPU).
 
     Returns:
         ``tau`` of shape ``(..., 1)``: ``clamp(rows - tau, lower, upper)`` sums to
@@ -290,7 +299,8 @@ def box_threshold(rows: Tensor, total: Tensor | float, lower: float, upper: floa
         x = _as_matrix(rows.detach())
         c = _total_column(total, rows, x.shape[0])
         if use_adaptive(x):
-            tau = _box_adaptive(x, c, lower, upper)
+            work = None if scratch is None else scratch.view(x.shape)
+            tau = _box_adaptive(x, c, lower, upper, work)
         else:
             tau = _box_sorted(x, c, lower, upper)
         return tau.reshape(*rows.shape[:-1], 1)
@@ -323,7 +333,9 @@ def _box_start(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tens
     return (x.sum(-1, keepdim=True) - c) / n
 
 
-def _box_adaptive(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
+def _box_adaptive(
+    x: Tensor, c: Tensor | float, lower: float, upper: float, work: Tensor | None = None
+) -> Tensor:
     """Exact shift by safeguarded Newton with early exit (eager CPU)."""
     rows, n = x.shape
     lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
@@ -331,8 +343,9 @@ def _box_adaptive(x: Tensor, c: Tensor | float, lower: float, upper: float) -> T
     tau_out = torch.empty_like(lo)
     if rows == 0:
         return tau_out
-    t = torch.minimum(torch.maximum(_box_start(x, c, lower, upper), lo), hi)
-    work = torch.empty_like(x)
+    # fmax/fmin: a start that overflowed to nan (inf - inf) falls back to the bracket.
+    t = torch.fmin(torch.fmax(_box_start(x, c, lower, upper), lo), hi)
+    work = torch.empty_like(x) if work is None else work
     ids: Tensor | None = None
     finished = torch.zeros_like(lo, dtype=torch.bool)
     result = t

@@ -441,7 +441,9 @@ def _softmax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Te
     # overflow finite logits to inf (inf - inf = nan inside softmax).
     if temperature != 1.0:
         rows = (rows - rows.detach().amax(-1, keepdim=True)) / temperature
-    return torch.softmax(rows, dim=-1) * total
+    weights = torch.softmax(rows, dim=-1)
+    # x * 1.0 == x: skipping it saves a pass over the weight forward and backward
+    return weights if isinstance(total, float) and total == 1.0 else weights * total
 
 
 def _sparsemax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Tensor:

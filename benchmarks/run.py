@@ -1,0 +1,105 @@
+"""Run sumto's benchmarks and write their tables to one folder (``make bench``).
+
+Run: ``.venv/bin/python benchmarks/run.py --out bench-out`` (``--quick`` for a small
+smoke run of every benchmark, ``--threads N`` to set torch's intra-op threads).
+
+It runs, in one process and in this order:
+
+* ``bench_projections.py``: the sort-free projections against sorting, bisection and
+  softmax, and their scaling with the row length (``projections.md``,
+  ``scaling.md``, ``scaling.png``);
+* ``bench_overhead.py``: what a parametrization adds to a training step, and
+  ``parametrize.cached()`` (``overhead.md``);
+* ``bench_weighted_sum.py``, when present: its ``main(argv)``, output captured to
+  ``weighted_sum.md``.
+
+``summary.md`` collects every table with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _Tee(io.TextIOBase):
+    """Write to the console and keep a copy."""
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self.stream = stream
+        self.copy = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.stream.flush()
+        return self.copy.write(text)
+
+
+def _read(out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return "(not produced)"
+    with open(path) as handle:
+        return handle.read().strip()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, short timing")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    args = parser.parse_args(argv)
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    common = ["--out", args.out] + (["--quick"] if args.quick else [])
+    started = time.time()
+
+    projections = importlib.import_module("bench_projections")
+    projections.main(common)
+    print()
+    overhead = importlib.import_module("bench_overhead")
+    overhead.main(common)
+
+    weighted_sum = None
+    if os.path.exists(os.path.join(HERE, "bench_weighted_sum.py")):
+        print()
+        tee = _Tee(sys.stdout)  # type: ignore[arg-type]
+        with contextlib.redirect_stdout(tee):
+            module = importlib.import_module("bench_weighted_sum")
+            module.main(["--quick"] if args.quick else [])
+        weighted_sum = tee.copy.getvalue()
+        projections.write(args.out, "weighted_sum.md", weighted_sum)
+
+    command = " ".join(["python benchmarks/run.py", *map(shlex.quote, argv or sys.argv[1:])])
+    sections = [
+        "# sumto benchmarks",
+        f"Command: `{command}` ({time.time() - started:.0f} s)",
+        "Machine:\n\n```\n" + _read(args.out, "machine.txt") + "\n```",
+        "## Projections\n\n" + _read(args.out, "projections.md"),
+        "## Scaling (time per call against the row length n)\n\n"
+        + _read(args.out, "scaling.md")
+        + "\n\n![scaling](scaling.png)",
+        "## Parametrization overhead of a training step\n\n" + _read(args.out, "overhead.md"),
+    ]
+    if weighted_sum is not None:
+        sections.append("## WeightedSum\n\n```\n" + weighted_sum.strip() + "\n```")
+    projections.write(args.out, "summary.md", "\n\n".join(sections))
+    print(f"\nwrote {args.out}/summary.md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
