@@ -23,7 +23,9 @@ gradients before one backward through the constraint. A cache must not outlive t
 step: after ``optimizer.step()`` it would hand out the old weight.
 
 Timing as in ``bench_projections.py``: interleaved rounds of
-``torch.utils.benchmark.Timer.blocked_autorange``, fastest round's median per variant.
+``torch.utils.benchmark.Timer.blocked_autorange``, fastest round's median per variant,
+one intra-op thread and its CPU time by default (``--threads N --clock wall`` for
+wall-clock time).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from bench_projections import (
+    CLOCKS,
     format_time,
     machine_description,
     markdown_table,
+    set_clock,
     time_interleaved,
     write,
 )
@@ -155,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short timing")
     parser.add_argument("--out", default=None, help="folder for the table")
-    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None, help="thread or wall")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.5)
     args = parser.parse_args(argv)
@@ -167,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         lin_in, lin_batch = 128, 8
         rnn = (32, 4, 10)
         args.rounds, args.min_run_time = 1, 0.02
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    set_clock(args.clock)
     print(f"Parametrization overhead of a training step; {machine_description().splitlines()[0]}")
     torch.manual_seed(0)
     conv_x = torch.randn(conv_batch)

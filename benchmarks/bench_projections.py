@@ -19,8 +19,12 @@ tensor (``torch.randn``, total 1, constraint over the last dim, no autograd):
 Timing: each variant is timed in ``--rounds`` interleaved rounds of
 ``torch.utils.benchmark.Timer.blocked_autorange``; a variant keeps its fastest
 round's median, the least disturbed by other processes on the machine. Ratios are
-formed from times measured in the same run. The scaling table holds the number of
-entries fixed (``--scaling-entries``) and varies the row length n from 16 to 2**20.
+formed from times measured in the same run. By default torch runs one intra-op
+thread and the clock is the CPU time of that thread (``time.thread_time``): on a
+machine shared with other jobs, wall-clock times of two threads mostly measure the
+scheduler. ``--threads N --clock wall`` measures wall-clock time instead. The
+scaling table holds the number of entries fixed (``--scaling-entries``) and varies
+the row length n from 16 to 2**20.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,11 +45,28 @@ from torch import Tensor
 from sumto import functional as F
 
 Step = Callable[[], object]
+CLOCKS: dict[str, Callable[[], float]] = {"thread": time.thread_time, "wall": time.perf_counter}
 
 
 # ---------------------------------------------------------------------------
 # timing and reporting helpers (bench_overhead.py imports them too)
 # ---------------------------------------------------------------------------
+
+_clock = "thread"
+
+
+def set_clock(name: str | None) -> str:
+    """Choose the clock: ``thread`` (default with one thread) or ``wall``."""
+    global _clock
+    if name is None:
+        name = "thread" if torch.get_num_threads() == 1 else "wall"
+    if name == "thread" and torch.get_num_threads() != 1:
+        raise ValueError(
+            f"expected --clock wall with {torch.get_num_threads()} threads: the thread "
+            "clock only sees the calling thread"
+        )
+    _clock = name
+    return name
 
 
 def time_interleaved(
@@ -56,7 +78,12 @@ def time_interleaved(
     best = dict.fromkeys(variants, math.inf)
     for _ in range(rounds):
         for name, fn in variants.items():
-            timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            timer = benchmark.Timer(
+                "fn()",
+                globals={"fn": fn},
+                num_threads=torch.get_num_threads(),
+                timer=CLOCKS[_clock],
+            )
             best[name] = min(best[name], timer.blocked_autorange(min_run_time=min_run_time).median)
     return best
 
@@ -82,8 +109,9 @@ def machine_description() -> str:
         cpu = "\n".join(lscpu.splitlines()[:10])
     except (OSError, subprocess.CalledProcessError):
         cpu = platform.processor() or platform.machine()
+    clock = {"thread": "CPU time of the timing thread", "wall": "wall-clock time"}[_clock]
     return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), {clock}, "
         f"{os.cpu_count()} logical CPUs, CPU only (no GPU)\n{cpu}"
     )
 
@@ -317,7 +345,7 @@ def plot_scaling(results: list[dict[str, float]], path: str, entries: int) -> No
     ax.set_yscale("log")
     ax.set_xlabel("row length n (rows = entries / n)")
     ax.set_ylabel("time per call (ms)")
-    ax.set_title(f"Projections of {entries:,} float32 entries, {torch.get_num_threads()} threads")
+    ax.set_title(f"Projections of {entries:,} float32 entries, {torch.get_num_threads()} thread(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -330,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short timing")
     parser.add_argument("--out", default=None, help="folder for the tables and the plot")
-    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None, help="see above")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.3)
     parser.add_argument("--scaling-entries", type=int, default=2**20)
@@ -343,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         box_shape = (64, 1024)
         lengths = [16, 256, 4096, 65_536]
         args.rounds, args.min_run_time, args.scaling_entries = 1, 0.02, 2**16
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    set_clock(args.clock)
     n = box_shape[1]
     boxes = [
         ("box [-0.5, 1]", 1.0, -0.5, 1.0),

@@ -1,7 +1,9 @@
 """Run sumto's benchmarks and write their tables to one folder (``make bench``).
 
 Run: ``.venv/bin/python benchmarks/run.py --out bench-out`` (``--quick`` for a small
-smoke run of every benchmark, ``--threads N`` to set torch's intra-op threads).
+smoke run of every benchmark; ``--threads N --clock wall`` for wall-clock times with N
+intra-op threads instead of the default: one thread, timed by its CPU time, which
+other jobs on a shared machine barely disturb).
 
 It runs, in one process and in this order:
 
@@ -56,16 +58,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
     parser.add_argument("--quick", action="store_true", help="small shapes, short timing")
-    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    parser.add_argument("--threads", type=int, default=None, help="default: 1 (see above)")
+    parser.add_argument("--clock", choices=["thread", "wall"], default=None)
     args = parser.parse_args(argv)
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    import torch
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     common = ["--out", args.out] + (["--quick"] if args.quick else [])
+    if args.threads is not None:
+        common += ["--threads", str(args.threads)]
+    if args.clock is not None:
+        common += ["--clock", args.clock]
     started = time.time()
 
     projections = importlib.import_module("bench_projections")
@@ -80,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         tee = _Tee(sys.stdout)  # type: ignore[arg-type]
         with contextlib.redirect_stdout(tee):
             module = importlib.import_module("bench_weighted_sum")
-            module.main(["--quick"] if args.quick else [])
+            threads = [] if args.threads is None else ["--threads", str(args.threads)]
+            module.main((["--quick"] if args.quick else []) + threads)
         weighted_sum = tee.copy.getvalue()
         projections.write(args.out, "weighted_sum.md", weighted_sum)
 
