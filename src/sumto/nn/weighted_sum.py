@@ -42,8 +42,10 @@ class WeightedSum(LazyModuleMixin, nn.Module):
 
     The sum runs through a custom autograd function that reads each input once and
     allocates only the output (no ``torch.stack``); its backward allocates only the
-    gradients it returns. Nothing synchronises with the device, so the module runs
-    under ``torch.compile(fullgraph=True)``. float16/bfloat16 inputs are accumulated
+    gradients it returns (plus one input-sized scratch buffer when the weights vary
+    per channel or per row). The sum never synchronises with the device, so the module
+    runs under ``torch.compile(fullgraph=True)``; the one host read is the eager-mode
+    check of a ``mask`` (see :meth:`forward`). float16/bfloat16 inputs are accumulated
     in float32 (one float32 buffer of the output's size) and returned in their dtype.
 
     Missing inputs (a ``dict`` with a subset of ``names``, or ``mask``) get weight 0
@@ -227,7 +229,10 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                 ``(K, ...)`` stacked along dim 0, or (with ``names``) a dict
                 name -> tensor holding all names or a subset of them.
             mask: Optional bool tensor ``(K,)`` or ``(B, K)`` (``B`` = size of the
-                inputs' dim 0): False marks an absent input, per row.
+                inputs' dim 0): False marks an absent input, per row. In eager mode a
+                row with no input present raises ValueError, which reads the mask on
+                the host (a device sync for an accelerator mask); compiled code skips
+                that check and gives such a row all-zero weights (output = bias).
 
         Returns:
             Tensor of the inputs' shape and dtype.
