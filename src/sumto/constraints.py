@@ -146,21 +146,41 @@ class Constraint(nn.Module):
         eps = torch.finfo(x.dtype).eps
         return float((4.0 + math.log2(max(n, 1))) * eps * self._magnitude(x))
 
-    def _check_shape(self, x: Tensor) -> None:
-        """ValueError unless ``x`` has the shape bound at registration (no-op when unbound).
+    def _check_input(self, x: Tensor, registered_shape: bool = True) -> None:
+        """Raise unless ``x`` is a floating point tensor the map can take.
+
+        With ``registered_shape`` (``forward``), a registered constraint also requires
+        the registered shape. Any other shape (an unregistered constraint, or
+        ``project`` of another tensor) must have non-empty slices and fit the
+        configuration (:meth:`_bind_shape`). For the registered shape only static
+        metadata is read: no device sync, no graph break.
 
         # Note [Sharded views]
         FSDP1 with ``use_orig_params=True`` exposes, outside forward, a 1-D slice of
         its flat shard as the pre-weights; a sum over it looks right and is wrong.
-        The check is a comparison of Python ints: no device sync, no graph break.
+
+        Raises:
+            TypeError: If ``x`` is not a floating point tensor.
+            IndexError: If a configured dim is out of range for ``x``.
+            ValueError: If the shape is not the registered one, or a slice is empty.
         """
-        if self._shape is not None and tuple(x.shape) != self._shape:
+        F._check_float_tensor(x)
+        shape = tuple(x.shape)
+        if self._shape is not None and shape == self._shape:
+            return  # validated at registration
+        if registered_shape and self._shape is not None:
             raise ValueError(
                 f"expected the constrained tensor to have its registered shape {self._shape}, "
                 f"got shape {tuple(x.shape)}: a sharded view (FSDP1 exposes flat shards outside "
                 "forward) cannot be constrained; read it inside forward or under "
                 "FullyShardedDataParallel.summon_full_params"
             )
+        if len(shape) > 0 and F._reduced_size(shape, self.dims(len(shape))) == 0:
+            raise ValueError(
+                f"expected at least one element in each constrained slice of x "
+                f"(dim={self.dim}), got shape {shape}"
+            )
+        self._bind_shape(shape)  # the configuration against this shape (totals, sizes)
 
     def _bind(self, tensor: Tensor) -> None:
         """Record and validate the shape and dtype of the tensor being constrained."""
@@ -254,6 +274,10 @@ class _TotalMixin(Constraint):
             return F._total_like(self.total, like, dims)
         return self.total
 
+    def _bind(self, tensor: Tensor) -> None:
+        super()._bind(tensor)
+        F._check_total_range(self.total, F._compute_dtype(tensor.dtype))
+
     def _bind_shape(self, shape: tuple[int, ...]) -> None:
         dims = self.dims(len(shape))
         if isinstance(self.total, Tensor):
@@ -313,11 +337,12 @@ class AffineSum(_TotalMixin):
         super().__init__(total, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_shape(x)
+        self._check_input(x)
         return self.project(x)
 
     def project(self, x: Tensor) -> Tensor:
         """Euclidean projection onto the set: ``x + (total - sum(x)) / n``."""
+        self._check_input(x, registered_shape=False)
         dims = self.dims(x.ndim)
         compute = F._compute_dtype(x.dtype)
         xc = x.to(compute)
@@ -325,6 +350,7 @@ class AffineSum(_TotalMixin):
 
     def violation(self, x: Tensor) -> Tensor:
         """``max |sum(x) - total|`` over slices, a 0-d tensor."""
+        F._check_float_tensor(x)
         return self._sum_violation(x)
 
     def _inverse(self, value: Tensor) -> Tensor:
@@ -393,7 +419,7 @@ class Simplex(_TotalMixin):
         self.temperature = float(temperature)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_shape(x)
+        self._check_input(x)
         dims = self.dims(x.ndim)
         total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
         if self.method == "sparsemax":
@@ -404,12 +430,14 @@ class Simplex(_TotalMixin):
 
     def project(self, x: Tensor) -> Tensor:
         """Euclidean projection onto the simplex (exact zeros), whatever the method."""
+        self._check_input(x, registered_shape=False)
         dims = self.dims(x.ndim)
         total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
         return F._apply_rows(x, total, dims, F._project_simplex_rows)
 
     def violation(self, x: Tensor) -> Tensor:
         """Largest of ``max |sum(x) - total|`` and ``max(-x)`` (0 on the set)."""
+        F._check_float_tensor(x)
         negative = F._max_or_zero(-x.to(F._compute_dtype(x.dtype))).clamp_min(0.0)
         return torch.maximum(self._sum_violation(x), negative)
 
@@ -505,17 +533,19 @@ class BoxSum(_TotalMixin):
         F._check_box(self.total, n, self.lower, self.upper)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_shape(x)
+        self._check_input(x)
         return self.project(x)
 
     def project(self, x: Tensor) -> Tensor:
         """Euclidean projection onto the box-bounded sum set."""
+        self._check_input(x, registered_shape=False)
         dims = self.dims(x.ndim)
         total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
         return F._apply_rows(x, total, dims, F._project_box_rows, self.lower, self.upper)
 
     def violation(self, x: Tensor) -> Tensor:
         """Largest of ``max |sum(x) - total|``, ``max(lower - x)`` and ``max(x - upper)``."""
+        F._check_float_tensor(x)
         xc = x.to(F._compute_dtype(x.dtype))
         below = F._max_or_zero(self.lower - xc).clamp_min(0.0)
         above = F._max_or_zero(xc - self.upper).clamp_min(0.0)

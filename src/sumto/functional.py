@@ -139,11 +139,33 @@ def _broadcast_total_shape(
 
 
 def _total_like(total: Total, x: Tensor, dims: tuple[int, ...]) -> Tensor | float:
-    """Bring a total to x's device and compute dtype, viewed as the keepdim shape."""
+    """Bring a total to x's device and compute dtype, viewed as the keepdim shape.
+
+    A total beyond the dtype's range saturates at its largest finite value: the
+    validating entry points reject it (:func:`_check_total_range`), and unvalidated
+    paths (a constraint's forward) stay free of inf - inf = nan.
+    """
+    big = torch.finfo(x.dtype).max
     if not isinstance(total, Tensor):
-        return float(total)
+        return min(max(float(total), -big), big)
     view_shape = _broadcast_total_shape(tuple(total.shape), x.shape, dims)
-    return total.to(device=x.device, dtype=x.dtype).reshape(view_shape)
+    return total.to(device=x.device, dtype=x.dtype).reshape(view_shape).clamp(-big, big)
+
+
+def _check_total_range(total: Total, dtype: torch.dtype) -> None:
+    """ValueError when ``|total|`` overflows ``dtype`` (a device sync for tensor totals)."""
+    big = torch.finfo(dtype).max
+    if isinstance(total, Tensor):
+        if total.numel() == 0:
+            return
+        largest = float(total.detach().abs().max())
+    else:
+        largest = abs(float(total))
+    if largest > big:
+        raise ValueError(
+            f"expected |total| <= {big:.4g}, the largest {dtype} (the dtype the tensor is "
+            f"computed in), got |total| = {largest:.4g}"
+        )
 
 
 def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
@@ -155,6 +177,7 @@ def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
             f"got a tensor of shape {tuple(x.shape)}"
         )
     _check_total(total, x.shape, dims)
+    _check_total_range(total, _compute_dtype(x.dtype))
     return dims
 
 
@@ -371,6 +394,10 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
     if n == 1:
         # A single entry is the total, exactly (x - (x - total) rounds).
         return torch.zeros_like(rows) + total
+    # A bound beyond the dtype's range bounds no value of it: it is an infinite one.
+    big = torch.finfo(rows.dtype).max
+    lower = -math.inf if lower < -big else lower
+    upper = math.inf if upper > big else upper
     if math.isinf(lower) and math.isinf(upper):
         return _project_sum(rows, total, (rows.ndim - 1,))
     if math.isinf(upper):

@@ -226,23 +226,29 @@ class LinearEquality(Constraint):
 
     # -- constraint interface ---------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         return self.project(x)
 
     def project(self, x: Tensor) -> Tensor:
         """Orthogonal projection onto the affine subspace (computed in >= float32)."""
+        self._check_input(x, registered_shape=False)
         dims = self.dims(x.ndim)
         compute = F._compute_dtype(x.dtype)
         with _autocast_off(x.device):
             basis = self.basis.to(device=x.device, dtype=compute)
             offset = self.offset.to(device=x.device, dtype=compute)
             rows = F._to_rows(x.to(compute), dims)
-            out = _project_rows(rows, basis, offset)
+            # Note [Overflow-free sums]: scaled by a power of two >= n, Q x cannot overflow
+            # for finite x (inf - inf = nan); the scaling is exact.
+            scale = F._sum_scale(rows.shape[-1])
+            out = _project_rows(rows / scale, basis, offset / scale) * scale
         return F._from_rows(out, x.shape, dims).to(x.dtype)
 
     def violation(self, x: Tensor) -> Tensor:
         """``max |A v - b|`` over slices and equations, a 0-d tensor (0 on the set)."""
+        self._check_input(x, registered_shape=False)
         rows, a, b = self._rows_and_system(x)
-        return (rows @ a.mT - b).abs().amax()
+        return F._max_or_zero((rows @ a.mT - b).abs())  # 0 for a zero-size batch
 
     def _inverse(self, value: Tensor) -> Tensor:
         return value
@@ -257,7 +263,7 @@ class LinearEquality(Constraint):
     def _magnitude(self, x: Tensor) -> Tensor:
         """Largest ``|A| |v| + |b|`` over slices and equations, the scale of rounding errors."""
         rows, a, b = self._rows_and_system(x.detach())
-        return (rows.abs() @ a.abs().mT + b.abs()).amax()
+        return F._max_or_zero(rows.abs() @ a.abs().mT + b.abs())
 
     def _bind_shape(self, shape: tuple[int, ...]) -> None:
         dims = self.dims(len(shape))

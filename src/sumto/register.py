@@ -97,8 +97,17 @@ def constrain(
     with torch.no_grad():
         if isinstance(init, str) and init == "project":
             value = tensor.detach()
+            if value.numel() > 0 and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"expected a finite {type(module).__name__}.{name} to project with "
+                    "init='project', got non-finite entries; pass init=<a value on the set>"
+                )
             if not float(constraint.violation(value)) <= constraint.tolerance(value):
                 value = constraint.project(value)
+                # Named here: right_inverse would only say "value" (e.g. a box projection
+                # of huge entries loses the sum to rounding).
+                what = f"{type(module).__name__}.{name} projected with init='project'"
+                constraint.check_member(value, what)
         elif isinstance(init, Tensor):
             value = init.detach().to(device=tensor.device)
             constraint.check_member(value, "init")
