@@ -82,7 +82,7 @@ def half_tolerance(constraint: sumto.Constraint, w: Tensor) -> float:
 
 def violation64(constraint: sumto.Constraint, w: Tensor) -> float:
     """The constraint's violation of ``w`` computed in float64."""
-    return float(constraint.violation(w.double()))
+    return float(constraint.violation(w.detach().double()))
 
 
 @pytest.mark.parametrize("kind", sorted(MODULES))

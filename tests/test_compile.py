@@ -22,10 +22,10 @@ import sumto
 from reference import assert_close_scaled
 from sumto import functional as F
 
-# Eager and compiled runs differ by reassociated reductions and fused kernels:
-# k * eps(float32) * magnitude with k = 256 (~3e-5 relative) is about 30x the largest
-# difference measured after three inductor steps.
-COMPILE_K = 256.0
+# Eager and compiled runs differ by reassociated reductions and fused kernels. The
+# largest difference measured after three training steps is 5.3 * eps(float32) *
+# max(1, |value|) (inductor; 4.4 with aot_eager): k = 64 leaves a 12x margin.
+COMPILE_K = 64.0
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,7 @@ def train_and_compare(backend: str, make: Callable[[], nn.Module], steps: int) -
         x, img, target = batch(step)
         out_e = eager(x, img)
         out_c = compiled(x, img)
-        assert_close_scaled(out_c, out_e, k=COMPILE_K)
+        assert_close_scaled(out_c.detach(), out_e.detach(), k=COMPILE_K)
         for out, opt in ((out_e, opt_e), (out_c, opt_c)):
             opt.zero_grad()
             (out - target).square().mean().backward()
@@ -183,7 +183,7 @@ def test_functional_maps_compile_fullgraph(fn: Callable[[Tensor], Tensor]) -> No
     compiled = torch.compile(fn, fullgraph=True, backend=counting)
     for seed in range(3):
         x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed))
-        assert_close_scaled(compiled(x), fn(x), k=COMPILE_K)
+        assert_close_scaled(compiled(x).detach(), fn(x).detach(), k=COMPILE_K)
     assert counting.graphs == 1
 
 
@@ -204,6 +204,6 @@ def test_weighted_sum_of_a_repeated_input_compiles() -> None:
         (grad_h_e,) = torch.autograd.grad(out_e.square().sum(), h)
         out_c = compiled([h, f, h])
         (grad_h_c,) = torch.autograd.grad(out_c.square().sum(), h)
-        assert_close_scaled(out_c, out_e, k=COMPILE_K)
+        assert_close_scaled(out_c.detach(), out_e.detach(), k=COMPILE_K)
         assert_close_scaled(grad_h_c, grad_h_e, k=COMPILE_K)
     assert counting.graphs == 1

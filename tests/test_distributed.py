@@ -169,7 +169,7 @@ def _fsdp2(rank: int) -> dict[str, Any]:
     outside_errors = {}
     for name in ("affine", "softmax"):
         plist = getattr(model, name).parametrizations.weight
-        read = getattr(model, name).weight.full_tensor()
+        read = getattr(model, name).weight.full_tensor().detach()
         with torch.no_grad():
             full = plist[0](plist.original.full_tensor())
         outside_errors[name] = float((read - full).abs().max())
