@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from torch import Tensor, nn
 
 import sumto
@@ -151,13 +152,19 @@ def names_an_argument(message: str, names: set[str]) -> bool:
     return any(re.search(rf"(?<![A-Za-z_]){re.escape(f)}s?(?![A-Za-z_])", message) for f in forms)
 
 
+def note_outcome(label: str) -> None:
+    """Count outcomes per function (shown by ``pytest --hypothesis-show-statistics``)."""
+    if currently_in_test_context():
+        event(label)
+
+
 def attempt(fn: Callable[..., Any], /, *args: Any, expect: set[str], **kwargs: Any) -> Any:
     """Call ``fn``: return its result, or None after an allowed, well-worded exception."""
     label = getattr(fn, "__qualname__", type(fn).__name__)
     try:
         result = fn(*args, **kwargs)
     except ALLOWED as err:
-        event(f"{label}: {type(err).__name__}")  # --hypothesis-show-statistics
+        note_outcome(f"{label}: {type(err).__name__}")
         message = str(err)
         assert names_an_argument(message, expect), (
             f"{type(err).__name__} from {getattr(fn, '__qualname__', fn)} names none of "
@@ -169,7 +176,7 @@ def attempt(fn: Callable[..., Any], /, *args: Any, expect: set[str], **kwargs: A
             f"{getattr(fn, '__qualname__', fn)} raised {type(err).__name__} "
             f"(expected one of {[e.__name__ for e in ALLOWED]}): {err}"
         ) from err
-    event(f"{label}: works")
+    note_outcome(f"{label}: works")
     return result
 
 
@@ -555,6 +562,12 @@ def test_weighted_sum_works_or_fails_cleanly(
     expect = {"inputs", "stacked tensor", "mask", "channel_dim", "K", "names"}
     out = attempt(mix, inputs, mask, expect=expect)
     assert_no_nan(out, finite, "WeightedSum")
+
+
+@pytest.mark.parametrize("fn", [sumto.bake, sumto.check], ids=["bake", "check"])
+@pytest.mark.parametrize("module", [*JUNK, torch.zeros(3), nn.Linear], ids=repr)
+def test_bake_and_check_refuse_non_modules(fn: Callable[[Any], Any], module: Any) -> None:
+    assert attempt(fn, module, expect={"module"}) is None
 
 
 # ---------------------------------------------------------------------------

@@ -26,9 +26,13 @@ __all__ = ["bake", "box_sum", "check", "constrain", "simplex", "sum_to"]
 Init = Literal["project"] | Tensor
 
 
-def _plain_tensor(module: nn.Module, name: str) -> Tensor:
+def _check_module(module: nn.Module) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected module to be an nn.Module, got {type(module).__name__}")
+
+
+def _plain_tensor(module: nn.Module, name: str) -> Tensor:
+    _check_module(module)
     if not isinstance(name, str):
         raise TypeError(f"expected name to be a str, got {type(name).__name__}")
     if parametrize.is_parametrized(module, name):
@@ -370,6 +374,9 @@ def bake(module: nn.Module) -> nn.Module:
     Returns:
         ``module``.
 
+    Raises:
+        TypeError: If ``module`` is not an ``nn.Module``.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -378,6 +385,7 @@ def bake(module: nn.Module) -> nn.Module:
         >>> sorted(lin.state_dict())
         ['bias', 'weight']
     """
+    _check_module(module)
     for sub in module.modules():
         for name in _sumto_names(sub):
             parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
@@ -398,6 +406,9 @@ def check(module: nn.Module) -> dict[str, float]:
     Returns:
         ``{qualified tensor name: max violation}``; 0.0 means exactly on the set.
 
+    Raises:
+        TypeError: If ``module`` is not an ``nn.Module``.
+
     Example:
         >>> from torch import nn
         >>> import sumto
@@ -405,6 +416,7 @@ def check(module: nn.Module) -> dict[str, float]:
         >>> {k: v < 1e-6 for k, v in sumto.check(model).items()}
         {'0.weight': True}
     """
+    _check_module(module)
     report: dict[str, float] = {}
     with torch.no_grad():
         for prefix, sub in module.named_modules():
