@@ -119,12 +119,30 @@ def test_demo_short_run_writes_valid_pngs(short_demo: dict[str, Any]):
         assert width >= 300 and height >= 200, (name, width, height)
 
 
+def _assert_same_summary(a: object, b: object, path: str = "summary") -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_same_summary(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_summary(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
 def test_demo_is_deterministic_for_a_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     outputs = []
     for run in ("a", "b"):
         assert main(["demo", "--out", str(tmp_path / run), "--steps", "5", "--seed", "7"]) == 0
-        outputs.append((tmp_path / run / "summary.json").read_text())
-    assert outputs[0] == outputs[1]
+        outputs.append(json.loads((tmp_path / run / "summary.json").read_text()))
+    # Training is bit-reproducible; the float64 KKT polish goes through LAPACK, whose
+    # last bit can depend on buffer alignment (MKL/OpenBLAS kernels), so floats are
+    # compared to 1e-12 relative and everything else exactly.
+    _assert_same_summary(outputs[0], outputs[1])
     stdout = capsys.readouterr().out
     assert "1. Fusion" in stdout and "2. Kernel" in stdout and "3. Missing inputs" in stdout
 
