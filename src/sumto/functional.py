@@ -351,12 +351,16 @@ def _box_support_sort(
     We evaluate h at every breakpoint with sorted cumulative sums, bracket the root
     of h(t) = s between two consecutive breakpoints, and classify each entry at the
     bracket's midpoint: there the active set is that of the solution.
+
+    The search runs in float64 (float32 on MPS, which lacks it): its prefix sums and
+    breakpoints a_i - d lose the active set of long float32 rows in narrow boxes.
     """
     with torch.no_grad():
         n = rows.shape[-1]
         width = upper - lower
-        a = rows - lower
-        s = total - n * lower
+        wide = torch.float32 if rows.device.type == "mps" else torch.float64
+        a = rows.to(wide) - lower
+        s = (total.to(wide) if isinstance(total, Tensor) else total) - n * lower
         a_sorted, _ = torch.sort(a, dim=-1)  # ascending
         # suffix sums: sum of the entries strictly greater than a_sorted[j]
         total_a = a_sorted.sum(-1, keepdim=True)
