@@ -377,6 +377,19 @@ def test_sort_based_searches_used_off_eager_cpu_are_exact() -> None:
         assert_box_exact((x - tau).clamp(lower, upper), x, total, lower, upper), name
 
 
+def test_sort_based_box_search_keeps_long_float32_rows_exact() -> None:
+    # The compile/GPU path on n = 1e5 float32 rows in a box of width 1e-4: its prefix
+    # sums once lost the active set (errors of 4e-4 on entries of at most 1e-4).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 100_000, generator=gen)
+    for lower, upper in ((0.0, 1e-4), (-4e-5, 5e-5)):
+        tau = _kernels._box_sorted(x, 1.0, lower, upper)
+        y = (x - tau).clamp(lower, upper)
+        expected = ref_project_box_sum(x.double(), 1.0, (-1,), lower, upper)
+        error = float((y.double() - expected).abs().max())
+        assert error <= 4 * torch.finfo(torch.float32).eps * float(x.abs().max())
+
+
 def test_adaptive_search_only_in_eager_cpu() -> None:
     assert _kernels.use_adaptive(torch.zeros(3))
     seen: list[bool] = []
