@@ -127,7 +127,9 @@ def test_simplex_forward_matches_reference_for_each_method(
         expected = ref_project_simplex(xd.double() / temperature, total, dims)
     else:
         expected = ref_relu(xd.double(), total, dims)
-    assert_close(y, expected, expected, total, dims)
+    # Sparsemax subtracts a threshold from x / T: its rounding scales with |x / T|.
+    scale_of = xd.double() / temperature if method == "sparsemax" else expected
+    assert_close(y, expected, scale_of, total, dims)
     assert_sums(y, total, dims)
     # project() is the Euclidean projection whatever the method.
     assert_close(c.project(xd), ref_project_simplex(xd.double(), total, dims), xd, total, dims)
@@ -276,7 +278,8 @@ def test_violation_is_positive_off_the_set_and_zero_after_projection(problem: tu
     ):
         rows, _ = as_rows(x, dims)
         off_sum = float((rows.sum(1, keepdim=True) - total_rows(total, x, dims)).abs().max())
-        assert float(c.violation(x)) >= off_sum
+        # Both sides are float64 sums in different orders: equal up to their rounding.
+        assert float(c.violation(x)) >= off_sum - tolerance(x, total, dims)
         assert float(c.violation(c.project(x))) <= tolerance(x, total, dims)
 
 
