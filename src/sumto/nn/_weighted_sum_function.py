@@ -14,14 +14,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from sumto.functional import _compute_dtype
+
 __all__: list[str] = []
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float16 and bfloat16 inputs are accumulated in float32."""
-    return torch.float32 if dtype in _HALF else dtype
 
 
 def _sum_dims(like: Tensor, target_shape: Sequence[int]) -> list[int]:
@@ -61,9 +56,9 @@ class _WeightedSumFunction(torch.autograd.Function):
     ) -> Tensor:
         xs: Sequence[Tensor] = inputs[0].unbind(0) if stacked else inputs
         x0 = xs[0]
-        acc_dtype = _accumulate_dtype(x0.dtype)
+        acc_dtype = _compute_dtype(x0.dtype)  # half inputs accumulate in float32
         coeff = coefficients.to(acc_dtype)
-        if x0.dtype in _HALF and coeff.ndim == 1:
+        if acc_dtype != x0.dtype and coeff.ndim == 1:
             # A 0-d float32 factor would not promote a bfloat16 product to float32.
             coeff = coeff.reshape(coeff.shape[0], *([1] * x0.ndim))
         cs = coeff.unbind(0)
@@ -93,7 +88,7 @@ class _WeightedSumFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         coefficients, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        acc_dtype = _accumulate_dtype(grad.dtype)
+        acc_dtype = _compute_dtype(grad.dtype)
         w_shape = ctx.coefficient_shape[1:]
         k = ctx.coefficient_shape[0]
 

@@ -358,7 +358,7 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         """Weights times scale, shape (K',), (K', C), (K', B) or (K', B, C)."""
         renormalise = present is not None or mask is not None
         w = self._renormalised(present, mask) if renormalise else self.weights
-        acc = torch.float32 if input_dtype in (torch.float16, torch.bfloat16) else input_dtype
+        acc = F._compute_dtype(input_dtype)
         w = w.to(acc)
         if self.scale is not None:
             w = w * self.scale.to(acc)
