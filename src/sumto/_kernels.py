@@ -64,6 +64,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sumto._compat import is_compiling
+
 __all__: list[str] = []
 
 # Stripe count of the coarse simplex problem, and the row length below which the
@@ -103,7 +105,7 @@ def use_adaptive(x: Tensor) -> bool:
     """
     return (
         x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
+        and not is_compiling()
         and not _jit_tracing()
         and not _is_functorch_wrapped(x)
     )

@@ -12,6 +12,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
 from sumto import functional as F
+from sumto._compat import is_compiling
 from sumto.constraints import _SIMPLEX_METHODS, AffineSum, Simplex, SimplexMethod
 from sumto.nn._weighted_sum_function import weighted_sum
 from sumto.register import _install_load_hook, constrain
@@ -342,7 +343,7 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         # values on the host. Eager mode checks it (a device sync when the mask lives on
         # an accelerator); compiled code skips the check, and such a row gets all-zero
         # weights (the output is the bias), never NaN.
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             rows = mask.any(-1)
             if not bool(rows.all()):
                 where = "" if mask.ndim == 1 else f" (row {int(torch.nonzero(~rows)[0, 0])})"
