@@ -63,7 +63,8 @@ def extract_blocks(page: Path) -> list[Block]:
 
 
 def _pages() -> list[Path]:
-    return sorted(DOCS.rglob("*.md"))
+    # The README's examples are the first code a user runs: they are checked too.
+    return [*sorted(DOCS.rglob("*.md")), DOCS.parent / "README.md"]
 
 
 def _python_blocks(page: Path) -> list[Block]:
@@ -98,7 +99,7 @@ def test_guides_have_runnable_examples() -> None:
 @pytest.mark.parametrize(
     "page",
     [p for p in _pages() if _python_blocks(p)],
-    ids=lambda p: p.relative_to(DOCS).as_posix(),
+    ids=lambda p: p.relative_to(DOCS.parent).as_posix(),
 )
 def test_page_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
