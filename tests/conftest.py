@@ -1,5 +1,7 @@
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -7,6 +9,16 @@ from hypothesis import HealthCheck, settings
 # against the other pytest worker on the 2-core CI machine (300-step Adam loops on
 # small layers measured 25-50x slower with two threads under load).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Every test starts on one thread, whatever the previous one left behind."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 settings.register_profile(
     "ci",

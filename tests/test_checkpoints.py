@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,16 +20,6 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import sumto
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread (two threads spin more than they compute)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # One constrained module per constraint; each maps (B, 4) -> (B, 3).
 CONSTRAINED: dict[str, Callable[[], nn.Module]] = {

@@ -29,18 +29,15 @@ COMPILE_K = 64.0
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_dynamo() -> Iterator[None]:
-    """Tiny models run fastest on one thread (two threads spin more than they compute).
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's caches are cleared before and after each test.
 
-    Dynamo's caches are cleared before and after each test: compiled code objects
-    count against its per-code recompile limit for the whole process otherwise.
+    Compiled code objects count against its per-code recompile limit for the whole
+    process otherwise. (One intra-op thread comes from conftest.py.)
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(before)
 
 
 class _CountingBackend:

@@ -9,9 +9,6 @@ Shown: 10,000 Adam steps of a ``sum_to`` Conv2d in float32 keep every filter's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -20,15 +17,6 @@ import sumto
 
 STEPS = 10_000
 BOUND = 10.0  # in units of eps(float32) * sum|w| of the filter
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """A tiny conv trains fastest on one thread (two threads spin more than they compute)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_adam_on_a_sum_to_conv2d_does_not_drift() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -184,15 +184,6 @@ def assert_no_nan(result: Any, inputs_finite: bool, what: str) -> None:
     if not inputs_finite or not isinstance(result, Tensor) or not result.dtype.is_floating_point:
         return
     assert not bool(torch.isnan(result).any()), f"{what} returned NaN from finite input"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is fastest."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------

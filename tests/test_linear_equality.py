@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ import sumto
 from reference import as_rows, from_rows
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """These tensors are tiny: a second intra-op thread only adds contention overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from torch import Tensor, nn
 
 import sumto
 from reference import as_rows, assert_sums, ref_project_box_sum, ref_project_simplex
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """These tensors are tiny: a second intra-op thread only adds contention overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _constraints() -> list[tuple[str, sumto.Constraint]]:
