@@ -10,7 +10,7 @@ tensor (``torch.randn``, total 1, constraint over the last dim, no autograd):
 * ``sort-based``: the previous implementation, a sort per row (Duchi et al. 2008)
   followed by the same masked formula (``functional._simplex_threshold_sort``);
 * ``torch.softmax``: the cost of the smooth map onto the simplex;
-* ``sumto.project_box_sum``: the safeguarded Newton search with a subsample start;
+* ``sumto.project_box_sum``: the safeguarded secant search with a subsample start;
 * ``60-step bisection``: bisection on the shift, 60 steps, written with one reused
   work buffer (a strong baseline), then ``clamp``;
 * ``sort-based box``: the previous implementation, breakpoints sorted with cumulative

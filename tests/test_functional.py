@@ -377,10 +377,17 @@ def test_project_sum_exact_values() -> None:
 @pytest.mark.parametrize("fn", PROJECTIONS)
 def test_dyadic_shift_is_exactly_invariant(fn: Callable[..., Tensor]) -> None:
     x = torch.tensor([[0.5, -0.25, 1.75, 0.0], [3.0, -1.0, 0.125, 2.0]])
-    base = fn(x, 1.0) if fn is not project_box_sum else fn(x, 1.0, lower=-0.5, upper=0.75)
+    kwargs = {} if fn is not project_box_sum else {"lower": -0.5, "upper": 0.75}
+    base = fn(x, 1.0, **kwargs)
     for c in (-64.0, 1024.0):
-        kwargs = {} if fn is not project_box_sum else {"lower": -0.5, "upper": 0.75}
-        assert torch.equal(fn(x + c, 1.0, **kwargs), base)
+        shifted = fn(x + c, 1.0, **kwargs)
+        if fn is project_box_sum:
+            # The box search stops within the rounding of its sums (Note [Box
+            # threshold by safeguarded secant]): invariant up to that, not bit for bit.
+            bound = 4 * (1 + math.log2(x.shape[-1])) * torch.finfo(x.dtype).eps * (1024 + 4)
+            assert float((shifted - base).abs().max()) <= bound
+        else:
+            assert torch.equal(shifted, base)
 
 
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64]))
