@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -27,6 +27,18 @@ from sumto import functional as F
 from sumto.functional import project_box_sum, project_simplex
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.fixture(params=["newton", "secant"])
+def box_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test under each CPU box search: Newton's (small inputs) and the secant one.
+
+    The dispatch is by size (``_kernels._NEWTON_ENTRIES``); the inputs here are small,
+    so the threshold is moved to force each search in turn.
+    """
+    limit = 1 << 62 if request.param == "newton" else -1
+    monkeypatch.setattr(_kernels, "_NEWTON_ENTRIES", limit)
+    return str(request.param)
 
 
 def generator(seed: int) -> torch.Generator:
@@ -201,6 +213,7 @@ def box_cases(dtype: torch.dtype) -> list[tuple[str, Tensor, float | Tensor, flo
     ]
 
 
+@pytest.mark.usefixtures("box_kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_box_matches_bisection_reference_on_adversarial_inputs(dtype: torch.dtype) -> None:
     for name, x, total, lower, upper in box_cases(dtype):
@@ -211,6 +224,7 @@ def test_box_matches_bisection_reference_on_adversarial_inputs(dtype: torch.dtyp
             raise AssertionError(f"{name}: {error}") from error
 
 
+@pytest.mark.usefixtures("box_kernel")
 def test_box_classification_matches_the_sort_based_search() -> None:
     # float64 and moderate rows: the sort-based search is exact there too
     for name, x, total, lower, upper in box_cases(torch.float64):
@@ -283,6 +297,8 @@ def test_simplex_property_matches_reference(problem: tuple) -> None:
     assert bool((y >= 0).all())
 
 
+@pytest.mark.usefixtures("box_kernel")
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems(), width=st.sampled_from([0.5, 4.0, 50.0]))
 def test_box_property_matches_reference(problem: tuple, width: float) -> None:
     x, dim, total, dtype = problem
@@ -319,6 +335,7 @@ def test_simplex_gradient_equals_the_sort_based_formula() -> None:
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("box_kernel")
 def test_box_gradient_equals_the_sort_based_formula() -> None:
     x = torch.randn(6, 700, dtype=torch.float64, generator=generator(5))
     weight = torch.randn(6, 700, dtype=torch.float64, generator=generator(6))
@@ -333,6 +350,7 @@ def test_box_gradient_equals_the_sort_based_formula() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("box_kernel")
 def test_gradcheck_on_long_rows() -> None:
     x = torch.randn(2, 300, dtype=torch.float64, generator=generator(7), requires_grad=True)
     total = torch.tensor([[1.0], [3.0]], dtype=torch.float64, requires_grad=True)
@@ -342,6 +360,7 @@ def test_gradcheck_on_long_rows() -> None:
     )
 
 
+@pytest.mark.usefixtures("box_kernel")
 def test_forward_without_grad_equals_forward_with_grad() -> None:
     x = torch.randn(32, 800, generator=generator(8))
     for fn in (
@@ -359,12 +378,47 @@ def test_forward_without_grad_equals_forward_with_grad() -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("box_kernel")
 def test_rows_past_the_step_limit_finish_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_kernels, "_MAX_STEPS", 1)
     x = torch.randn(64, 1024, generator=generator(9))
     assert_simplex_exact(project_simplex(x, 1.0), x, 1.0)
     assert_simplex_exact(project_simplex(x[:, :50], 1.0), x[:, :50], 1.0)
     assert_box_exact(project_box_sum(x, 1.0, lower=0.0, upper=0.01), x, 1.0, 0.0, 0.01)
+
+
+def test_box_search_is_chosen_by_size() -> None:
+    small = torch.randn(64, 1024, generator=generator(13))
+    large = torch.randn(320, 1024, generator=generator(14))  # above _NEWTON_ENTRIES
+    assert small.numel() <= _kernels._NEWTON_ENTRIES < large.numel()
+    calls: list[str] = []
+    original = _kernels._box_newton
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        calls.append("newton")
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_kernels, "_box_newton", spy)
+        for x in (small, large):
+            calls.clear()
+            y = project_box_sum(x, 1.0, lower=-4 / 1024, upper=5 / 1024)
+            assert_box_exact(y, x, 1.0, -4 / 1024, 5 / 1024)
+            # Newton's search on the small input (and on its subsample), never on the large
+            assert bool(calls) == (x is small)
+
+
+@pytest.mark.usefixtures("box_kernel")
+def test_box_search_never_returns_nan_on_extreme_finite_entries() -> None:
+    big = torch.finfo(torch.float32).max
+    x = torch.randn(4, 700, generator=generator(15))
+    x[0, :3] = big
+    x[1, :3] = -big
+    x[2] = big
+    x[3, ::2] = -big
+    y = project_box_sum(x, 1.0, lower=-1.0, upper=1.0)
+    assert not bool(y.isnan().any())
+    assert bool((y >= -1.0).all() and (y <= 1.0).all())
 
 
 def test_sort_based_searches_used_off_eager_cpu_are_exact() -> None:
@@ -406,6 +460,7 @@ def test_adaptive_search_only_in_eager_cpu() -> None:
     assert seen == [False, False, False]
 
 
+@pytest.mark.usefixtures("box_kernel")
 def test_non_finite_rows_terminate_and_leave_other_rows_exact() -> None:
     x = torch.randn(8, 600, generator=generator(10))
     x[0, 5] = math.nan
