@@ -113,7 +113,7 @@ _MIN_PRUNE = 256
 # average slope, in units of (range of the row) / sqrt(subsample length).
 _STRIDE = 8
 _MIN_SUBSAMPLE = 256
-_SAMPLE_STEPS = 6
+_SAMPLE_STEPS = 3
 _SLOPE_WINDOW = 0.25
 # Every _BISECT_EVERY-th box step is a bisection step; rows still running after
 # _MAX_STEPS steps of a CPU search finish with the sort-based search.
