@@ -338,13 +338,18 @@ class AffineSum(_TotalMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return self.project(x)
+        return self._project(x)
 
     def project(self, x: Tensor) -> Tensor:
         """Euclidean projection onto the set: ``x + (total - sum(x)) / n``."""
         self._check_input(x, registered_shape=False)
+        return self._project(x)
+
+    def _project(self, x: Tensor) -> Tensor:
         dims = self.dims(x.ndim)
         compute = F._compute_dtype(x.dtype)
+        if compute == x.dtype:  # float32/float64: no casts
+            return F._project_sum(x, self._total_value(x, dims), dims)
         xc = x.to(compute)
         return F._project_sum(xc, self._total_value(xc, dims), dims).to(x.dtype)
 

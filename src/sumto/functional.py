@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sumto import _kernels
+from sumto._compat import is_compiling
 
 __all__ = [
     "project_box_sum",
@@ -238,37 +239,87 @@ def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Ten
     if x.ndim == 0 or n == 1:
         # A single entry is the total, exactly (x + (total - x) rounds).
         return torch.zeros_like(x) + total
-    scale = _sum_scale(n)
-    scaled_sum: Tensor = _ScaledSum.apply(x, dims, scale)  # type: ignore[no-untyped-call]
-    shift = (total / scale - scaled_sum) / (n / scale)
-    return x + shift
+    fn = _AffineProject if _transforming() else _AffineProjectEager
+    out: Tensor = fn.apply(x, total, dims, n)  # type: ignore[no-untyped-call]
+    return out
 
 
-class _ScaledSum(torch.autograd.Function):
-    """``(x / scale).sum(dims, keepdim=True)`` whose backward is a broadcast, not a pass.
+def _transforming() -> bool:
+    """Whether ``torch.compile`` or a ``torch.func`` transform is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return is_compiling() or active is None or bool(active())
 
-    Same values as the plain expression (Note [Overflow-free sums]); autograd of the
-    plain expression would also divide the incoming gradient by ``scale`` over the
-    full shape of ``x``, a pass (and an allocation) that made a sum_to layer's
-    training step measurably slower. Here ``g / scale`` is taken on the reduced
-    shape and expanded lazily.
+
+def _reuse_buffers(x: Tensor) -> bool:
+    """Whether a map may write its output into its own temporary (``out=``).
+
+    Only in plain eager mode: not while compiling or tracing, and not on the
+    wrapped tensors of ``torch.func`` transforms.
+    """
+    return not (is_compiling() or _kernels._jit_tracing() or _kernels._is_functorch_wrapped(x))
+
+
+class _AffineProject(torch.autograd.Function):
+    """``x + (total - sum(x)) / n`` over ``dims``, as one autograd node.
+
+    # Note [One node for the affine projection]
+    The sum is overflow-free (Note [Overflow-free sums]): with ``s`` the scale,
+    ``shift = (total / s - sum(x / s)) / (n / s)``, bit-identical to the formula in
+    plain autograd ops. As one node, the forward is one scaled copy, one reduction
+    and one pass that writes the output into that copy (no second full-size
+    buffer), and the backward is ``g + shift'`` with ``shift' = -sum(g) / n`` (the
+    map is affine and its linear part self-adjoint): one reduction and one pass.
+    The autograd ops of the plain formula cost a node per small op, and the graph
+    cannot add the broadcast gradient into ``g`` in place when ``g`` is a view (as
+    ``nn.Linear`` hands its weight's gradient over), so it allocated the same
+    full-size buffer there. The backward is written in differentiable ops, so
+    double backward works, and it reads no saved tensors.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, dims: tuple[int, ...], scale: float) -> Tensor:  # type: ignore[override]
-        return (x / scale).sum(dims, keepdim=True)
+    def forward(x: Tensor, total: Tensor | float, dims: tuple[int, ...], n: int) -> Tensor:  # type: ignore[override]
+        scale = _sum_scale(n)
+        scaled = x / scale
+        shift = (total / scale - scaled.sum(dims, keepdim=True)) / (n / scale)
+        if shift.dtype == scaled.dtype and _reuse_buffers(x):
+            return torch.add(x, shift, out=scaled)
+        return x + shift
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, _, scale = inputs
-        ctx.shape = x.shape
-        ctx.scale = scale
+        _, _, ctx.dims, ctx.n = inputs
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        return (grad / ctx.scale).expand(ctx.shape), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:  # type: ignore[override]
+        scale = _sum_scale(ctx.n)
+        # The grad of total is kept in the keepdim shape: autograd sums it down to
+        # the shape of a broadcast total.
+        grad_shift = grad.sum(ctx.dims, keepdim=True) / (ctx.n / scale) / scale
+        grad_total = grad_shift if ctx.needs_input_grad[1] else None
+        return grad - grad_shift, grad_total, None, None
+
+
+class _AffineProjectEager(torch.autograd.Function):
+    """:class:`_AffineProject` for plain eager mode.
+
+    The same forward and backward; with ``ctx`` in ``forward`` instead of a
+    ``setup_context``, ``apply`` skips binding the arguments to the signature of
+    ``forward`` (``inspect.signature``): about half of the map's Python time, some
+    20 us a call. ``torch.func`` transforms require ``setup_context``, and
+    ``torch.compile`` gets the variant it has always traced: both use
+    :class:`_AffineProject`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, total: Tensor | float, dims: tuple[int, ...], n: int
+    ) -> Tensor:  # type: ignore[override]
+        ctx.dims, ctx.n = dims, n
+        return _AffineProject.forward(x, total, dims, n)
+
+    backward = staticmethod(_AffineProject.backward)
 
 
 def _simplex_threshold_sort(rows: Tensor, total: Tensor | float) -> Tensor:
