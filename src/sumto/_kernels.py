@@ -550,7 +550,6 @@ def _box_adaptive(
     block = min(rows, _block_rows(x))
     work = x.new_empty(block, n) if work is None or block < rows else work
     eps = torch.finfo(x.dtype).eps
-    # about the rounding of h: n entries within the bounds, and the total
     scale_c = float(c.abs().max()) if isinstance(c, Tensor) else abs(c)
     magnitude = max(abs(lower), abs(upper))
     t, slope = _box_start(x, c, lower, upper, bracket)
@@ -569,8 +568,8 @@ def _box_adaptive(
         t[keep] = _box_sorted(_rows(x, keep), _take(c, keep), lower, upper)
         f = torch.where(done, f, 0.0)
     # Every entry of the output is within |h(t) - c| <= rho of the solution's; one
-    # Newton step from t's classification makes it exact (on the root's linear piece
-    # it is the root, up to the rounding of h), e.g. on dyadic data.
+    # Newton step from t's classification leaves only the rounding of h (divided by
+    # the free count) where t lies on the root's linear piece.
     if bool((f != 0).any()):
         free = _box_free_count(x, t, lower, upper, work)
         t = torch.where(free > 0, t + f / free.clamp_min(1.0), t)
