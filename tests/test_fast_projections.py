@@ -360,6 +360,43 @@ def test_gradcheck_on_long_rows() -> None:
     )
 
 
+def test_box_autograd_node_gradients_match_the_plain_formula() -> None:
+    # Eager mode records one node (functional._BoxProjection); compile, torch.func and
+    # tracing record the plain active-set formula. Both must give the same Jacobian,
+    # also for a per-row total, and none where every entry sits on a bound.
+    x = torch.randn(5, 300, dtype=torch.float64, generator=generator(16))
+    total = torch.tensor([[1.0], [0.5], [-2.0], [3.0], [15.0]], dtype=torch.float64)
+    weight = torch.randn(5, 300, dtype=torch.float64, generator=generator(17))
+    grads = []
+    for fn in (
+        lambda v, c: project_box_sum(v, c, lower=-0.05, upper=0.05),
+        lambda v, c: sort_based_box(v, c, -0.05, 0.05),
+    ):
+        xr, tr = x.clone().requires_grad_(), total.clone().requires_grad_()
+        (fn(xr, tr) * weight).sum().backward()
+        grads.append((xr.grad, tr.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-12)
+    # row 4: total = n * upper, every entry at the upper bound
+    assert float(grads[0][0][4].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("which", ["box", "simplex"])
+def test_gradcheck_with_a_total_and_double_backward(which: str) -> None:
+    # the one-node projections of eager mode (Note [One autograd node for an
+    # active-set projection]); their backward is differentiable in the gradient
+    x = torch.randn(3, 40, dtype=torch.float64, generator=generator(18), requires_grad=True)
+    total = torch.tensor([[0.5], [1.0], [2.5]], dtype=torch.float64, requires_grad=True)
+
+    def fn(v: Tensor, c: Tensor) -> Tensor:
+        if which == "box":
+            return project_box_sum(v, c - 1.0, lower=-0.1, upper=0.1)
+        return project_simplex(v, c)
+
+    assert torch.autograd.gradcheck(fn, (x, total))
+    assert torch.autograd.gradgradcheck(fn, (x, total))
+
+
 @pytest.mark.usefixtures("box_kernel")
 def test_forward_without_grad_equals_forward_with_grad() -> None:
     x = torch.randn(32, 800, generator=generator(8))
