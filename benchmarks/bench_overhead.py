@@ -5,8 +5,9 @@ Run: ``.venv/bin/python benchmarks/bench_overhead.py`` (``--quick`` for a smoke 
 
 A training step is: gradients cleared (``grad = None``), forward, and
 ``backward(grad)`` with a fixed upstream gradient; no optimizer step. Each layer runs
-unconstrained and with its weight constrained by the register helpers, side by side
-in one process:
+unconstrained, with its weight constrained by the register helpers, and with the
+floor of any map, ``w * 1.0`` registered with ``parametrize`` (a new weight forward,
+a new gradient backward, nothing else), side by side in one process:
 
 * ``Conv2d(64, 64, 3, padding=1)`` on a (32, 64, 32, 32) batch;
 * ``Linear(1024, 1024)`` on a batch of 64;
@@ -51,8 +52,22 @@ import sumto
 
 Make = Callable[[], nn.Module]
 
+
+class _Copy(nn.Module):
+    """The cheapest map that makes a new weight (and, backward, a new gradient)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 1.0
+
+
+def _floor(module: nn.Module, name: str) -> nn.Module:
+    parametrize.register_parametrization(module, name, _Copy())
+    return module
+
+
 CONSTRAINTS: dict[str, Callable[[nn.Module, str], nn.Module]] = {
     "unconstrained": lambda m, name: m,
+    "floor: w * 1.0 (parametrize)": _floor,
     "sum_to": lambda m, name: sumto.sum_to(m, name),
     "simplex (softmax)": lambda m, name: sumto.simplex(m, name),
     "simplex (sparsemax)": lambda m, name: sumto.simplex(m, name, method="sparsemax"),
