@@ -29,15 +29,16 @@ from sumto.functional import project_box_sum, project_simplex
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
-@pytest.fixture(params=["newton", "secant"])
+@pytest.fixture(params=["small", "secant"])
 def box_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test under each CPU box search: Newton's (small inputs) and the secant one.
+    """Run a test under each CPU box search: bisection then Newton's (small inputs),
+    and the secant one.
 
-    The dispatch is by size (``_kernels._NEWTON_ENTRIES``); the inputs here are small,
+    The dispatch is by size (``_kernels._SMALL_ENTRIES``); the inputs here are small,
     so the threshold is moved to force each search in turn.
     """
-    limit = 1 << 62 if request.param == "newton" else -1
-    monkeypatch.setattr(_kernels, "_NEWTON_ENTRIES", limit)
+    limit = 1 << 62 if request.param == "small" else -1
+    monkeypatch.setattr(_kernels, "_SMALL_ENTRIES", limit)
     return str(request.param)
 
 
@@ -426,22 +427,22 @@ def test_rows_past_the_step_limit_finish_exactly(monkeypatch: pytest.MonkeyPatch
 
 def test_box_search_is_chosen_by_size() -> None:
     small = torch.randn(64, 1024, generator=generator(13))
-    large = torch.randn(320, 1024, generator=generator(14))  # above _NEWTON_ENTRIES
-    assert small.numel() <= _kernels._NEWTON_ENTRIES < large.numel()
+    large = torch.randn(320, 1024, generator=generator(14))  # above _SMALL_ENTRIES
+    assert small.numel() <= _kernels._SMALL_ENTRIES < large.numel()
     calls: list[str] = []
-    original = _kernels._box_newton
+    original = _kernels._box_small
 
     def spy(*args: object, **kwargs: object) -> Tensor:
-        calls.append("newton")
+        calls.append("small")
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_kernels, "_box_newton", spy)
+        patch.setattr(_kernels, "_box_small", spy)
         for x in (small, large):
             calls.clear()
             y = project_box_sum(x, 1.0, lower=-4 / 1024, upper=5 / 1024)
             assert_box_exact(y, x, 1.0, -4 / 1024, 5 / 1024)
-            # Newton's search on the small input (and on its subsample), never on the large
+            # the small-input search on the small input, never on the large one
             assert bool(calls) == (x is small)
 
 

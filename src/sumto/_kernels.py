@@ -64,16 +64,19 @@ Unlike the simplex search, this one is exact up to rounding, not bit for bit:
 ``h`` sums entries of different magnitudes, so a residual below the rounding of
 the largest ones goes unseen.
 
-Note [Box threshold by safeguarded Newton on small inputs]
-On small inputs (up to ``_NEWTON_ENTRIES`` entries) a step costs mostly its
-per-operation overhead, not its passes, and fewer steps win: there each step also
-counts the entries at each bound (``sign`` sums, nine passes in all) and takes
+Note [Box threshold on small inputs]
+On small inputs (up to ``_SMALL_ENTRIES`` entries) a step costs mostly its
+per-operation overhead, not its passes, and the fewest operations win. There
+``_SMALL_BISECTIONS`` plain bisection steps from ``[min(x) - u, max(x) - l]`` (a
+few operations each) bring ``t`` close, then Newton's method finishes: each step
+also counts the entries at each bound (``sign`` sums, nine passes in all) and takes
 Newton's step, kept inside the bracket and replaced by bisection when it leaves it
 (and every eighth step). A row is finished when a Newton step does not change the
 classification of any entry (the sets move monotonically, so equal counts mean
 equal sets), when the step no longer changes ``t``, or when the bracket has shrunk
 to adjacent floats; its ``tau`` is then one Newton step from its classification,
-exact up to rounding. The start is the same search on the strided subsample.
+exact up to rounding. On (64, 1024) float32 rows in a narrow box this took 1 ms
+where Newton from a subsample's root took 4 ms (bisection alone: 1.7 ms).
 
 Every full-size pass of the secant search runs block of rows by block (``_BLOCK_BYTES`` of work
 buffer): the three passes of an evaluation then hit the cache, which made an
@@ -121,8 +124,10 @@ _BISECT_EVERY = 8
 _MAX_STEPS = 64
 # Size of the work buffer of the box search: its passes run block of rows by block.
 _BLOCK_BYTES = 1 << 21
-# Inputs of at most this many entries take the box search by Newton's method.
-_NEWTON_ENTRIES = 1 << 18
+# Inputs of at most this many entries take the small-input box search, which
+# starts with this many bisection steps.
+_SMALL_ENTRIES = 1 << 18
+_SMALL_BISECTIONS = 16
 
 
 # ---------------------------------------------------------------------------
@@ -542,8 +547,8 @@ def _box_adaptive(
 ) -> Tensor:
     """Exact shift by the safeguarded secant search with early exit (eager CPU)."""
     rows, n = x.shape
-    if x.numel() <= _NEWTON_ENTRIES:
-        return _box_newton(x, c, lower, upper, work)
+    if x.numel() <= _SMALL_ENTRIES:
+        return _box_small(x, c, lower, upper, work)
     if rows == 0:
         return x.new_empty(0, 1)
     bracket = _box_bracket(x, c, lower, upper)
@@ -593,13 +598,28 @@ def _box_evaluate(
     return value, at_upper, at_lower
 
 
-def _box_newton(
+def _box_small(
     x: Tensor, c: Tensor | float, lower: float, upper: float, work: Tensor | None = None
 ) -> Tensor:
-    """Exact shift by safeguarded Newton with early exit (eager CPU, small inputs).
+    """Exact shift on small inputs: a few bisection steps, then Newton's search.
 
-    See Note [Box threshold by safeguarded Newton on small inputs].
+    See Note [Box threshold on small inputs].
     """
+    lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
+    hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
+    work = torch.empty_like(x) if work is None else work
+    for _ in range(_SMALL_BISECTIONS):
+        midpoint = 0.5 * lo + 0.5 * hi  # (no overflow)
+        above = _box_value(x, midpoint, lower, upper, work) >= c
+        lo = torch.where(above, midpoint, lo)
+        hi = torch.where(above, hi, midpoint)
+    return _box_newton(x, c, lower, upper, 0.5 * lo + 0.5 * hi, work)
+
+
+def _box_newton(
+    x: Tensor, c: Tensor | float, lower: float, upper: float, start: Tensor, work: Tensor
+) -> Tensor:
+    """Exact shift by safeguarded Newton with early exit from ``start`` (eager CPU)."""
     rows, n = x.shape
     lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
     hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
@@ -607,13 +627,7 @@ def _box_newton(
     if rows == 0:
         return tau_out
     # fmax/fmin: a start that overflowed to nan (inf - inf) falls back to the bracket.
-    if n >= _MIN_SUBSAMPLE:  # start from the subsample's solution
-        sample = x[:, ::_STRIDE].contiguous()
-        start = _box_newton(sample, c * (sample.shape[1] / n), lower, upper)
-    else:  # the affine projection's shift
-        start = (x.sum(-1, keepdim=True) - c) / n
     t = torch.fmin(torch.fmax(start, lo), hi)
-    work = torch.empty_like(x) if work is None else work
     ids: Tensor | None = None
     finished = torch.zeros_like(lo, dtype=torch.bool)
     result = t
