@@ -55,9 +55,11 @@ free entries costs as much again, so the search below evaluates ``h`` alone:
 
 Since every ``clamp(x_i - t, l, u)`` is non-increasing in ``t``, the output at ``t``
 differs from the solution by at most ``|h(t) - c|`` in every entry (and in sum).
-The search then ends with one Newton step from the classification at ``t``,
-``t + (h(t) - c) / #free(t)``: exact when ``t`` lies on the root's linear piece (up
-to the rounding of ``h``), and a move of at most ``rho / #free`` otherwise.
+Rows where that exceeds ``4 eps max(|x|, |l|, |u|, |c|)`` (most rows of a wide box,
+where ``rho`` grows with ``n``; a few of a narrow one) end with one Newton step from
+the classification at ``t``, ``t + (h(t) - c) / #free(t)``: exact when ``t`` lies on
+the root's linear piece (up to the rounding of ``h``), and a move of at most
+``rho / #free`` otherwise.
 ``#free`` is counted in one chain of passes as
 ``(n - sum(sign(|x - t - m| - r))) / 2`` with ``m, r`` the box's centre and radius.
 Unlike the simplex search, this one is exact up to rounding, not bit for bit:
@@ -573,12 +575,22 @@ def _box_adaptive(
         keep = (~done).nonzero()[:, 0]
         t[keep] = _box_sorted(_rows(x, keep), _take(c, keep), lower, upper)
         f = torch.where(done, f, 0.0)
-    # Every entry of the output is within |h(t) - c| <= rho of the solution's; one
-    # Newton step from t's classification leaves only the rounding of h (divided by
-    # the free count) where t lies on the root's linear piece.
-    if bool((f != 0).any()):
+    # Every entry of the output is within |h(t) - c| <= rho of the solution's. Where
+    # that exceeds 4 eps max(|x|, |bounds|, |total|), one Newton step from t's
+    # classification leaves only the rounding of h (divided by the free count), as t
+    # lies on the root's linear piece or next to it. On narrow boxes few rows need
+    # it (rho is small there): they are gathered.
+    scale = torch.clamp_min(row_scale, max(magnitude, scale_c))
+    need = f.abs() > 4.0 * eps * scale
+    count = int(need.sum())
+    if count > rows // 4:
         free = _box_free_count(x, t, lower, upper, work)
         t = torch.where(free > 0, t + f / free.clamp_min(1.0), t)
+    elif count > 0:
+        keep = need.nonzero()[:, 0]
+        t_keep, f_keep = _rows(t, keep), _rows(f, keep)
+        free = _box_free_count(_rows(x, keep), t_keep, lower, upper, work)
+        t[keep] = torch.where(free > 0, t_keep + f_keep / free.clamp_min(1.0), t_keep)
     return t
 
 
