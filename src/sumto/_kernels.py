@@ -55,8 +55,9 @@ free entries costs as much again, so the search below evaluates ``h`` alone:
 
 Since every ``clamp(x_i - t, l, u)`` is non-increasing in ``t``, the output at ``t``
 differs from the solution by at most ``|h(t) - c|`` in every entry (and in sum).
-Rows where that exceeds ``4 eps max(|x|, |l|, |u|, |c|)`` (most rows of a wide box,
-where ``rho`` grows with ``n``; a few of a narrow one) end with one Newton step from
+Rows where that exceeds ``eps / 2 * max(|x|, |l|, |u|, |c|)``, about the rounding
+of ``x - t`` itself (most rows of a wide box, where ``rho`` grows with ``n``; one in
+ten of a narrow one), end with one Newton step from
 the classification at ``t``, ``t + (h(t) - c) / #free(t)``: exact when ``t`` lies on
 the root's linear piece (up to the rounding of ``h``), and a move of at most
 ``rho / #free`` otherwise.
@@ -576,12 +577,12 @@ def _box_adaptive(
         t[keep] = _box_sorted(_rows(x, keep), _take(c, keep), lower, upper)
         f = torch.where(done, f, 0.0)
     # Every entry of the output is within |h(t) - c| <= rho of the solution's. Where
-    # that exceeds 4 eps max(|x|, |bounds|, |total|), one Newton step from t's
+    # that exceeds eps/2 max(|x|, |bounds|, |total|), one Newton step from t's
     # classification leaves only the rounding of h (divided by the free count), as t
     # lies on the root's linear piece or next to it. On narrow boxes few rows need
     # it (rho is small there): they are gathered.
     scale = torch.clamp_min(row_scale, max(magnitude, scale_c))
-    need = f.abs() > 4.0 * eps * scale
+    need = f.abs() > 0.5 * eps * scale
     count = int(need.sum())
     if count > rows // 4:
         free = _box_free_count(x, t, lower, upper, work)
