@@ -627,21 +627,27 @@ def _box_small(
         above = _box_value(x, midpoint, lower, upper, work) >= c
         lo = torch.where(above, midpoint, lo)
         hi = torch.where(above, hi, midpoint)
-    return _box_newton(x, c, lower, upper, 0.5 * lo + 0.5 * hi, work)
+    return _box_newton(x, c, lower, upper, (lo, hi), work)
 
 
 def _box_newton(
-    x: Tensor, c: Tensor | float, lower: float, upper: float, start: Tensor, work: Tensor
+    x: Tensor,
+    c: Tensor | float,
+    lower: float,
+    upper: float,
+    bracket: tuple[Tensor, Tensor],
+    work: Tensor,
 ) -> Tensor:
-    """Exact shift by safeguarded Newton with early exit from ``start`` (eager CPU)."""
+    """Exact shift by safeguarded Newton with early exit (eager CPU).
+
+    Starts from the middle of ``bracket = (lo, hi)``, ``h(lo) >= c > h(hi)``.
+    """
     rows, n = x.shape
-    lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
-    hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
+    lo, hi = bracket
     tau_out = torch.empty_like(lo)
     if rows == 0:
         return tau_out
-    # fmax/fmin: a start that overflowed to nan (inf - inf) falls back to the bracket.
-    t = torch.fmin(torch.fmax(start, lo), hi)
+    t = 0.5 * lo + 0.5 * hi  # (no overflow)
     ids: Tensor | None = None
     finished = torch.zeros_like(lo, dtype=torch.bool)
     result = t
