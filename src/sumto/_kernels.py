@@ -445,39 +445,39 @@ def _box_secant(
     f_out = torch.empty_like(t)
     done_out = torch.zeros_like(t, dtype=torch.bool)
     ids: Tensor | None = None  # working row -> output row (None: identity)
-    # +1 when the last evaluated point became lo, -1 when it became hi
-    side = torch.zeros_like(t)
     t_prev: Tensor | None = None
-    f_prev = t
+    f_prev = above_prev = t
     f = t
     done = done_out
     for step in range(steps):
         active = x.shape[0]
         f = _box_value(x, t, lower, upper, work) - c
-        done = f.abs() <= rho
         above = f >= 0
-        # Anderson-Bjorck: the end kept twice in a row has its value scaled down.
-        kept_lo = ~above & (side < 0)
-        kept_hi = above & (side > 0)
-        f_hi = torch.where(kept_hi, f_hi * _ab_weight(f, f_lo), f_hi)
-        f_lo = torch.where(kept_lo, f_lo * _ab_weight(f, f_hi), f_lo)
+        if t_prev is None:  # Newton's step with the given slope
+            proposal = t + f / slope
+            scale: Tensor | float = 1.0
+        else:  # the secant of the last two points
+            proposal = t - f * ((t - t_prev) / (f - f_prev))
+            # Anderson-Bjorck: when the new point falls on the same side as the last
+            # one, the end kept twice has its value scaled by 1 - f / f_prev (or 1/2)
+            weight = 1.0 - f / f_prev
+            weight = torch.where(weight > 0, weight, 0.5)
+            scale = torch.where(above == above_prev, weight, 1.0)
         lo = torch.where(above, t, lo)
         hi = torch.where(above, hi, t)
-        f_lo = torch.where(above, f, f_lo)
-        f_hi = torch.where(above, f_hi, f)
-        side = torch.where(above, 1.0, -1.0).to(t.dtype)
-        # Newton's step with the given slope first, then the secant of the last two
-        proposal = t + f / slope if t_prev is None else t - f * ((t - t_prev) / (f - f_prev))
+        f_lo = torch.where(above, f, f_lo * scale)
+        f_hi = torch.where(above, f_hi * scale, f)
         falsi = lo + f_lo * ((hi - lo) / (f_lo - f_hi))
         proposal = torch.where((proposal > lo) & (proposal < hi), proposal, falsi)
         inside = (proposal > lo) & (proposal < hi)
         if step % _BISECT_EVERY == _BISECT_EVERY - 1:
             inside = torch.zeros_like(inside)
-        midpoint = 0.5 * lo + 0.5 * hi  # (no overflow)
-        proposal = torch.where(inside, proposal, midpoint)
-        done |= (proposal == t) | ~(torch.nextafter(lo, hi) < hi)
+        proposal = torch.where(inside, proposal, 0.5 * lo + 0.5 * hi)  # (no overflow)
+        # finished: at the rounding of h, stalled, or a bracket of adjacent floats
+        # (written so that a nan row counts as finished)
+        done = (f.abs() <= rho) | (proposal == t) | ~(torch.nextafter(lo, hi) < hi)
         proposal = torch.where(done, t, proposal)
-        t_prev, f_prev = t, f
+        t_prev, f_prev, above_prev = t, f, above
         if prune:
             finished = int(done.sum())
             if finished == active:
@@ -492,7 +492,9 @@ def _box_secant(
                 proposal, t_prev, f_prev, f, slope = (
                     _rows(v, keep) for v in (proposal, t_prev, f_prev, f, slope)
                 )
-                lo, hi, f_lo, f_hi, side = (_rows(v, keep) for v in (lo, hi, f_lo, f_hi, side))
+                lo, hi, f_lo, f_hi, above_prev = (
+                    _rows(v, keep) for v in (lo, hi, f_lo, f_hi, above_prev)
+                )
                 done = _rows(done, keep)
                 t = proposal
                 continue
@@ -501,12 +503,6 @@ def _box_secant(
     _write(f_out, f, ids, None)
     _write(done_out, done, ids, None)
     return t_out, f_out, done_out
-
-
-def _ab_weight(f: Tensor, f_previous: Tensor) -> Tensor:
-    """Anderson-Bjorck's factor ``1 - f / f_previous``, or 1/2 where it is not positive."""
-    weight = 1.0 - f / f_previous
-    return torch.where(weight > 0, weight, 0.5)
 
 
 def _box_start(
