@@ -154,45 +154,40 @@ def sort_based_box(x: Tensor, total: float, lower: float, upper: float) -> Tenso
     return torch.where(free, (x - tau).clamp(lower, upper), bound)
 
 
-def bisection_box(x: Tensor, total: float, lower: float, upper: float, steps: int = 60) -> Tensor:
-    """``clamp(x - tau, lower, upper)`` with tau from ``steps`` bisection steps (one buffer)."""
-    work = torch.empty_like(x)
-    lo = x.amin(-1, keepdim=True) - upper
-    hi = x.amax(-1, keepdim=True) - lower
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        value = torch.sub(x, mid, out=work).clamp_(lower, upper).sum(-1, keepdim=True)
-        above = value > total
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    return torch.sub(x, 0.5 * (lo + hi), out=work).clamp_(lower, upper)
-
-
-def blocked_bisection_box(
-    x: Tensor, total: float, lower: float, upper: float, steps: int = 60, block_bytes: int = 1 << 21
+def bisection_box(
+    x: Tensor,
+    total: float,
+    lower: float,
+    upper: float,
+    steps: int = 60,
+    block_bytes: int | None = None,
 ) -> Tensor:
-    """:func:`bisection_box` with each step's passes run block of rows by block.
+    """``clamp(x - tau, lower, upper)`` with tau from ``steps`` bisection steps (one buffer).
 
-    The same cache blocking as sumto's box search (``_kernels._BLOCK_BYTES``): the
-    three passes of a step over a block stay in cache. Shown so that the speed-up of
-    the search is not credited to blocking alone.
+    With ``block_bytes``, each step's passes run block of rows by block, the cache
+    blocking of sumto's box search (``_kernels._BLOCK_BYTES``), so that the speed-up
+    of the search is not credited to blocking alone.
     """
     rows, n = x.shape
-    block = max(1, block_bytes // (n * x.element_size()))
+    block = rows if block_bytes is None else max(1, block_bytes // (n * x.element_size()))
     work = x.new_empty(min(block, rows), n)
     lo = x.amin(-1, keepdim=True) - upper
     hi = x.amax(-1, keepdim=True) - lower
-    value = torch.empty_like(lo)
+    value = torch.empty_like(lo)  # filled block by block
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        for start in range(0, rows, block):
-            stop = min(start + block, rows)
-            part = torch.sub(x[start:stop], mid[start:stop], out=work[: stop - start])
-            torch.sum(part.clamp_(lower, upper), -1, keepdim=True, out=value[start:stop])
+        if block >= rows:  # one block: no slicing, the same few operations as ever
+            value = torch.sub(x, mid, out=work).clamp_(lower, upper).sum(-1, keepdim=True)
+        else:
+            for start in range(0, rows, block):
+                stop = min(start + block, rows)
+                part = torch.sub(x[start:stop], mid[start:stop], out=work[: stop - start])
+                torch.sum(part.clamp_(lower, upper), -1, keepdim=True, out=value[start:stop])
         above = value > total
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
-    return torch.sub(x, 0.5 * (lo + hi)).clamp_(lower, upper)
+    out = work if work.shape[0] == rows else torch.empty_like(x)
+    return torch.sub(x, 0.5 * (lo + hi), out=out).clamp_(lower, upper)
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +212,9 @@ def box_variants(
         "sort-based box": lambda: sort_based_box(x, total, lower, upper),
     }
     if blocked:
-        variants["blocked bisection"] = lambda: blocked_bisection_box(x, total, lower, upper)
+        variants["blocked bisection"] = lambda: bisection_box(
+            x, total, lower, upper, block_bytes=1 << 21
+        )
     return variants
 
 

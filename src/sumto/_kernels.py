@@ -547,10 +547,8 @@ def _box_adaptive(
 ) -> Tensor:
     """Exact shift by the safeguarded secant search with early exit (eager CPU)."""
     rows, n = x.shape
-    if x.numel() <= _SMALL_ENTRIES:
+    if x.numel() <= _SMALL_ENTRIES:  # also every empty input
         return _box_small(x, c, lower, upper, work)
-    if rows == 0:
-        return x.new_empty(0, 1)
     bracket = _box_bracket(x, c, lower, upper)
     block = min(rows, _block_rows(x))
     work = x.new_empty(block, n) if work is None or block < rows else work
@@ -581,14 +579,21 @@ def _box_adaptive(
     need = f.abs() > 0.5 * eps * scale
     count = int(need.sum())
     if count > rows // 4:
-        free = _box_free_count(x, t, lower, upper, work)
-        t = torch.where(free > 0, t + f / free.clamp_min(1.0), t)
+        t = _box_newton_step(x, t, f, lower, upper, work)
     elif count > 0:
         keep = need.nonzero()[:, 0]
-        t_keep, f_keep = _rows(t, keep), _rows(f, keep)
-        free = _box_free_count(_rows(x, keep), t_keep, lower, upper, work)
-        t[keep] = torch.where(free > 0, t_keep + f_keep / free.clamp_min(1.0), t_keep)
+        t[keep] = _box_newton_step(
+            _rows(x, keep), _rows(t, keep), _rows(f, keep), lower, upper, work
+        )
     return t
+
+
+def _box_newton_step(
+    x: Tensor, t: Tensor, f: Tensor, lower: float, upper: float, work: Tensor
+) -> Tensor:
+    """``t + f / #free(t)`` with ``f = h(t) - c`` (``t`` itself where no entry is free)."""
+    free = _box_free_count(x, t, lower, upper, work)
+    return torch.where(free > 0, t + f / free.clamp_min(1.0), t)
 
 
 def _box_evaluate(
@@ -615,8 +620,7 @@ def _box_small(
 
     See Note [Box threshold on small inputs].
     """
-    lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
-    hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
+    lo, hi, _, _ = _box_bracket(x, c, lower, upper)
     work = torch.empty_like(x) if work is None else work
     for _ in range(_SMALL_BISECTIONS):
         midpoint = 0.5 * lo + 0.5 * hi  # (no overflow)

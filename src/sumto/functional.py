@@ -372,7 +372,7 @@ def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
         shifted = (rows - shift).clamp_min_(floor)
         tau, _ = _kernels.simplex_threshold(shifted, total)
         return shifted.sub_(tau).clamp_min_(0.0)
-    if not (_transforming() or _kernels._jit_tracing()):
+    if _one_node():
         projected: Tensor = _SimplexProjection.apply(rows, total)  # type: ignore[no-untyped-call]
         return projected
     # compile, torch.func and tracing record the Jacobian from plain ops
@@ -469,7 +469,7 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
         out = torch.empty_like(rows, memory_format=torch.contiguous_format)
         tau = _kernels.box_threshold(rows, total, lower, upper, scratch=out)
         return torch.sub(rows, tau, out=out).clamp_(lower, upper)
-    if not (_transforming() or _kernels._jit_tracing()):
+    if _one_node():
         projected: Tensor = _BoxProjection.apply(rows, total, lower, upper)  # type: ignore[no-untyped-call]
         return projected
     # compile, torch.func and tracing record the same Jacobian from plain ops
@@ -483,6 +483,15 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
     bound = torch.where(at_upper, rows.new_full((), upper), rows.new_full((), lower))
     # Clamped: near a bound (e.g. total = n * upper), x - tau can overshoot it by rounding.
     return torch.where(free, (rows - tau).clamp(lower, upper), bound)
+
+
+def _one_node() -> bool:
+    """Whether the active-set projections may record one autograd node.
+
+    Plain eager mode only (Note [One autograd node for an active-set projection]):
+    compile, ``torch.func`` and ``torch.jit.trace`` record the plain-op formula.
+    """
+    return not (_transforming() or _kernels._jit_tracing())
 
 
 class _BoxProjection(torch.autograd.Function):
