@@ -1,10 +1,80 @@
-"""Shims for the range of torch versions sumto supports (torch>=2.2)."""
+"""Every private or version-specific torch call of sumto, behind a named function.
+
+sumto declares ``torch>=2.5``. Each shim says what it falls back to when the private
+name is missing, and the fallback is the safe choice: code that cannot tell whether
+a transform is active takes the path that is valid under every transform.
+"""
 
 from __future__ import annotations
 
-try:
-    from torch.compiler import is_compiling
-except ImportError:  # torch 2.2: only the dynamo spelling exists
-    from torch._dynamo import is_compiling  # type: ignore[attr-defined,no-redef]
+from typing import Any
 
-__all__ = ["is_compiling"]
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "eager",
+    "functorch_active",
+    "inject_property",
+    "is_compiling",
+    "is_tracing",
+    "transforming",
+    "wide_dtype",
+]
+
+is_compiling = torch.compiler.is_compiling
+
+
+def is_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording."""
+    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]
+
+
+def functorch_active(x: Tensor) -> bool:
+    """Whether a ``torch.func`` transform is active or ``x`` is one of its wrapped tensors.
+
+    Without the private probes, answer ``True``: the caller then takes the path that
+    is valid under every transform.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if active is None or wrapped is None:
+        return True
+    return bool(active()) or bool(wrapped(x))
+
+
+def transforming(x: Tensor) -> bool:
+    """Whether compile, export, ``torch.jit.trace`` or a ``torch.func`` transform records ``x``.
+
+    Under these, reading a tensor's value on the host is impossible or would be baked
+    into the recorded program.
+    """
+    return is_compiling() or is_tracing() or functorch_active(x)
+
+
+def eager(x: Tensor) -> bool:
+    """Whether data-dependent Python control flow on ``x`` is free and safe.
+
+    True on CPU in plain eager mode only: not while compiling or exporting, not while
+    ``torch.jit.trace`` records (loop counts would be baked into the trace), not under
+    ``torch.func`` transforms, and not on other devices (each decision would wait for
+    the device).
+    """
+    return x.device.type == "cpu" and not transforming(x)
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The widest float dtype of ``device``: float64, or float32 on MPS, which lacks it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def inject_property(module: nn.Module, name: str) -> None:
+    """Give ``module``'s (parametrized) class the property that computes ``name``."""
+    inject: Any = getattr(parametrize, "_inject_property", None)
+    if inject is None:
+        raise RuntimeError(
+            f"expected torch.nn.utils.parametrize._inject_property in torch {torch.__version__}, "
+            "got none: this torch is not supported by sumto"
+        )
+    inject(module, name)

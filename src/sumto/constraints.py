@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sumto import _checks
 from sumto import functional as F
+from sumto._compat import wide_dtype
 from sumto.functional import Dim, Total
 
 __all__ = ["AffineSum", "BoxSum", "Constraint", "Simplex"]
 
-SimplexMethod = Literal["softmax", "sparsemax", "relu"]
-_SIMPLEX_METHODS = ("softmax", "sparsemax", "relu")
+SimplexMethod = F.SimplexMethod
+_SIMPLEX_METHODS = F.SIMPLEX_METHODS
+RELU_EPS = F.RELU_EPS
 # Format tag of the constraint configuration stored in state_dicts (extra state).
 EXTRA_STATE_FORMAT = "sumto.constraint/1"
-# Note [relu fusion eps]: the additive constant of the BiFPN fast normalised fusion.
-RELU_EPS = 1e-4
 
 
 def default_dims(ndim: int) -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def default_dims(ndim: int) -> tuple[int, ...]:
 
 def _accumulate_dtype(x: Tensor) -> torch.dtype:
     """Dtype used to *check* membership: float64 where the device supports it."""
-    return torch.float32 if x.device.type == "mps" else torch.float64
+    return wide_dtype(x.device)
 
 
 class Constraint(nn.Module):
@@ -416,22 +417,14 @@ class Simplex(_TotalMixin):
         F._check_positive(self.total, "total")
         if method not in _SIMPLEX_METHODS:
             raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"expected temperature to be a float, got {type(temperature).__name__}")
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"expected a finite temperature > 0, got {temperature!r}")
         self.method: SimplexMethod = method
-        self.temperature = float(temperature)
+        self.temperature = _checks.check_temperature(temperature)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         dims = self.dims(x.ndim)
         total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
-        if self.method == "sparsemax":
-            return F._apply_rows(x, total, dims, _sparsemax_rows, self.temperature)
-        if self.method == "softmax":
-            return F._apply_rows(x, total, dims, _softmax_rows, self.temperature)
-        return F._apply_rows(x, total, dims, _relu_rows)
+        return F._apply_rows(x, total, dims, F._simplex_rows, self.method, self.temperature)
 
     def project(self, x: Tensor) -> Tensor:
         """Euclidean projection onto the simplex (exact zeros), whatever the method."""
@@ -448,18 +441,8 @@ class Simplex(_TotalMixin):
 
     def _inverse(self, value: Tensor) -> Tensor:
         dims = self.dims(value.ndim)
-        compute = F._compute_dtype(value.dtype)
-        v = value.to(compute).clamp_min(0.0)
-        total = self._total_value(v, dims)
-        if self.method == "sparsemax":
-            return (v * self.temperature).to(value.dtype)
-        p = v / total
-        if self.method == "softmax":
-            floor = torch.finfo(value.dtype).eps
-            return (self.temperature * p.clamp_min(floor).log()).to(value.dtype)
-        # relu: choose pre-weights with sum relu(x) = 1 + O(eps): x = p (1 + eps) - eps / n.
-        n = F._reduced_size(value.shape, dims)
-        return (p * (1.0 + RELU_EPS) - RELU_EPS / n).clamp_min(0.0).to(value.dtype)
+        total = self._total_value(value.to(F._compute_dtype(value.dtype)), dims)
+        return F._apply_rows(value, total, dims, F._simplex_inverse, self.method, self.temperature)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "method": self.method, "temperature": self.temperature}
@@ -467,29 +450,6 @@ class Simplex(_TotalMixin):
     def extra_repr(self) -> str:
         s = f"{self._total_repr()}, dim={self.dim}, method={self.method!r}"
         return s + (f", temperature={self.temperature:g}" if self.temperature != 1.0 else "")
-
-
-def _softmax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Tensor:
-    # Shifted by the row max before dividing, so that a small temperature cannot
-    # overflow finite logits to inf (inf - inf = nan inside softmax).
-    if temperature != 1.0:
-        rows = (rows - rows.detach().amax(-1, keepdim=True)) / temperature
-    weights = torch.softmax(rows, dim=-1)
-    # x * 1.0 == x: skipping it saves a pass over the weight forward and backward
-    return weights if isinstance(total, float) and total == 1.0 else weights * total
-
-
-def _sparsemax_rows(rows: Tensor, total: Tensor | float, temperature: float) -> Tensor:
-    # Computed in the compute dtype, shifted before dividing (as in _softmax_rows).
-    if temperature != 1.0:
-        rows = (rows - rows.detach().amax(-1, keepdim=True)) / temperature
-    return F._project_simplex_rows(rows, total)
-
-
-def _relu_rows(rows: Tensor, total: Tensor | float) -> Tensor:
-    n = rows.shape[-1]
-    r = torch.relu(rows)
-    return (r + RELU_EPS / n) * (total / (r.sum(-1, keepdim=True) + RELU_EPS))
 
 
 class BoxSum(_TotalMixin):

@@ -1,0 +1,289 @@
+"""Threshold searches: the shift ``tau`` of ``clamp(x - tau, lower, upper)`` per row.
+
+The simplex, box and one-sided projections all have the form
+``y = clamp(x - tau, l, u)`` with one scalar ``tau`` per row (last dim), the root of
+``h(t) = sum_i clamp(x_i - t, l, u) = c``, a continuous, non-increasing, piecewise-
+linear function. A search here returns ``tau`` and nothing else: the output, its
+exact sum and its derivatives are assembled in :mod:`sumto._autograd`, which only
+needs ``tau`` to classify every entry correctly up to the rounding of the entries
+(Note [Sum refinement] there makes the sum exact from any such ``tau``).
+
+Code paths per map (the count the design keeps at one or two):
+
+==============  ========================================  ==========================
+map             device-agnostic search (no host sync)     eager-CPU search
+==============  ========================================  ==========================
+one-sided       sort (Held/Duchi), :func:`_simplex_sort`  pruned Newton, long rows
+(simplex)                                                 (:func:`_simplex_newton`)
+two-sided box   sorted breakpoints, :func:`_box_sort`     none
+==============  ========================================  ==========================
+
+The sort-based searches run wherever data-dependent control flow is not free: on
+other devices, while ``torch.compile``/``torch.export``/``torch.jit.trace`` record,
+under ``torch.func`` transforms, and on short rows, where they are fastest. They run
+in float64 (float32 on MPS): their prefix sums of long float32 rows would lose the
+classification in narrow boxes. The Newton search runs on CPU in plain eager mode
+on rows of at least ``_LONG_ROW`` entries. :func:`forced` selects a search for
+tests and benchmarks.
+
+Note [Simplex threshold by Newton's method]
+For a row ``x`` and ``c > 0``, ``tau`` is the root of the convex, strictly decreasing
+(below ``max(x)``), piecewise-linear ``f(t) = sum_i max(x_i - t, 0) - c``, which lies
+in ``[max(max(x) - c, (sum(x) - c) / n), max(x))``. A Newton step from a point ``p``
+below the root, ``p + f(p) / #{x_i > p}``, stays below the root (the tangent of a
+convex function lies below it), so Newton from a lower bound (Michelot's algorithm)
+climbs monotonically and stops at the root as soon as the support ``{x_i > t}`` no
+longer changes: at most ``n`` steps, a handful in practice. Each step is cheap on
+CPU: counts are sums of ``sign(max(x - t, 0))`` in the row's float dtype (boolean
+reductions are slow on CPU), and all full-size work reuses one buffer. Long rows are
+pruned first: split each row into ``_GROUP`` interleaved stripes and take the
+elementwise max over stripes, ``m_j = max_s x[s * k + j]``. Every group contributes
+at least ``max(m_j - t, 0)`` to ``f(t) + c``, so the root of the coarse problem on
+``m`` (solved recursively) is a lower bound of ``tau``; groups whose max is below it
+never enter the support, and the rest are gathered into a small dense matrix on
+which Newton finishes.
+
+Note [Box threshold by sorted breakpoints]
+With sorted entries ``s`` and prefix sums ``P`` (``P_k`` the sum of the ``k``
+smallest), ``h(t) = l K_l + u K_u + (P_{n - K_u} - P_{K_l}) - t (n - K_l - K_u)`` with
+``K_l = #{x_i <= t + l}`` and ``K_u = #{x_i >= t + u}``, both found by binary search.
+``h`` is evaluated at all ``2n`` breakpoints ``x_i - u`` and ``x_i - l``; the root lies
+between the last breakpoint with ``h >= c`` and the next, where the classification
+is constant; ``tau`` follows from that classification in closed form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sumto._compat import eager, wide_dtype
+
+__all__: list[str] = []
+
+Search = Literal["sort", "newton"]
+
+# Rows of at least this many entries take the Newton search on eager CPU.
+_LONG_ROW = 1024
+# Stripe count of the coarse simplex problem; rows shorter than _MIN_PRUNE are not pruned.
+_GROUP = 16
+_MIN_PRUNE = 256
+# Rows still running after this many Newton steps (adversarial inputs) finish by sorting.
+_MAX_STEPS = 64
+
+_forced: Search | None = None
+
+
+@contextlib.contextmanager
+def forced(search: Search | None) -> Iterator[None]:
+    """Run every search of the block with ``search`` (a test and benchmark hook).
+
+    ``"newton"`` applies to one-sided maps on eager CPU only; elsewhere it falls back
+    to sorting, as the automatic choice does.
+    """
+    global _forced
+    before, _forced = _forced, search
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def threshold(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """``tau`` of shape ``(..., 1)`` such that ``clamp(x - tau, lower, upper)`` sums to ``total``.
+
+    Args:
+        x: Rows ``(..., n)``, float32 or float64, without NaN.
+        total: Float or tensor of shape ``(..., 1)`` with
+            ``n * lower <= total <= n * upper``.
+        lower: Lower bound, ``-inf`` allowed.
+        upper: Upper bound, ``inf`` allowed; not both infinite, ``lower < upper``.
+
+    Returns:
+        ``tau`` in ``x``'s dtype; every entry is classified (below, between or above
+        the bounds) as in the exact solution, up to the rounding of the entries.
+    """
+    with torch.no_grad():
+        x = x.detach()
+        if math.isinf(lower):  # mirror: min(x - t, u) = -max(-x + t, -u)
+            return -_one_sided(-x, -total, -upper)
+        if math.isinf(upper):
+            return _one_sided(x, total, lower)
+        return _box_sort(x, total, lower, upper).to(x.dtype)
+
+
+def _use_newton(x: Tensor) -> bool:
+    if _forced is not None:
+        return _forced == "newton" and eager(x)
+    return x.shape[-1] >= _LONG_ROW and eager(x)
+
+
+def _one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
+    """``tau`` of ``max(x - tau, lower)`` summing to ``total``.
+
+    ``sum max(x_i - tau, l) = c`` is the simplex problem ``sum max(x_i - r, 0) = c - n l``
+    with ``r = tau + l``; ``x`` itself is never shifted by the bound, whose rounding
+    would swamp entries far smaller than it.
+    """
+    n = x.shape[-1]
+    excess = total - n * lower if lower != 0.0 else total
+    if _use_newton(x):
+        r = _simplex_newton_rows(x, excess)
+    else:
+        r = _simplex_sort(_finite_wide(x), _wide(excess, x)).to(x.dtype)
+    return r - lower if lower != 0.0 else r
+
+
+def _wide(total: Tensor | float, x: Tensor) -> Tensor | float:
+    return total.to(wide_dtype(x.device)) if isinstance(total, Tensor) else total
+
+
+def _finite_wide(x: Tensor) -> Tensor:
+    """``x`` in the wide dtype with infinities clamped to ``x``'s finite range.
+
+    An all ``-inf`` row then has a finite ``tau`` (the assembly spreads its total
+    evenly), and ``-inf`` entries never enter the sums as ``inf - inf``.
+    """
+    big = torch.finfo(x.dtype).max
+    return x.to(wide_dtype(x.device)).clamp(-big, big)
+
+
+# ---------------------------------------------------------------------------
+# sort-based searches (device-agnostic)
+# ---------------------------------------------------------------------------
+
+
+def _simplex_sort(x: Tensor, c: Tensor | float) -> Tensor:
+    """Root of ``sum max(x - t, 0) = c`` per row by sorting (Held et al. 1974, Duchi et al. 2008)."""
+    n = x.shape[-1]
+    u, _ = torch.sort(x, dim=-1, descending=True)
+    css = u.cumsum(-1) - c
+    k = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
+    # the support size: the number of k with u_k > (css_k - c) / k
+    rho = (u * k > css).sum(-1, keepdim=True).clamp_min(1)
+    return css.gather(-1, rho - 1) / rho.to(x.dtype)
+
+
+def _box_sort(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Root of ``sum clamp(x - t, l, u) = c`` per row (Note [Box threshold by sorted breakpoints])."""
+    xw = _finite_wide(x)
+    c = _wide(total, x)
+    n = x.shape[-1]
+    s = torch.sort(xw, dim=-1)[0].contiguous()
+    prefix = torch.cat([torch.zeros_like(s[..., :1]), s.cumsum(-1)], dim=-1)
+
+    def classify(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(K_l, K_u, sum of the free entries)`` at the points ``t``."""
+        k_lower = torch.searchsorted(s, (t + lower).contiguous(), right=True)
+        k_upper = n - torch.searchsorted(s, (t + upper).contiguous(), right=False)
+        free_sum = prefix.gather(-1, n - k_upper) - prefix.gather(-1, k_lower)
+        return k_lower, k_upper, free_sum
+
+    def fixed_mass(k_lower: Tensor, k_upper: Tensor) -> Tensor:
+        return lower * k_lower.to(s.dtype) + upper * k_upper.to(s.dtype)
+
+    breaks, _ = torch.sort(torch.cat([xw - upper, xw - lower], dim=-1), dim=-1)
+    k_lower, k_upper, free_sum = classify(breaks)
+    free = (n - k_lower - k_upper).to(s.dtype)
+    h = fixed_mass(k_lower, k_upper) + free_sum - breaks * free
+    # h is non-increasing along the breaks: the root follows the last break with h >= c
+    j = ((h >= c).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
+    left = breaks.gather(-1, j)
+    right = torch.where(j + 1 < 2 * n, breaks.gather(-1, (j + 1).clamp(max=2 * n - 1)), left + 1.0)
+    mid = 0.5 * left + 0.5 * right
+    k_lower, k_upper, free_sum = classify(mid)
+    count = (n - k_lower - k_upper).to(s.dtype)
+    tau = (free_sum - (c - fixed_mass(k_lower, k_upper))) / count.clamp_min(1.0)
+    # no free entry: every shift of the flat piece [left, right] gives the total
+    return torch.where(count > 0, tau, mid)
+
+
+# ---------------------------------------------------------------------------
+# Newton search with pruning (eager CPU): Note [Simplex threshold by Newton's method]
+# ---------------------------------------------------------------------------
+
+
+def _simplex_newton_rows(x: Tensor, c: Tensor | float) -> Tensor:
+    shape = (*x.shape[:-1], 1)
+    matrix = x.reshape(-1, x.shape[-1]).contiguous()
+    big = torch.finfo(x.dtype).max
+    matrix = matrix.clamp(-big, big)
+    if isinstance(c, Tensor):
+        c = c.to(x.dtype).expand(shape).reshape(-1, 1)
+    return _simplex_pruned(matrix, c).reshape(shape)
+
+
+def _simplex_lower_bound(x: Tensor, c: Tensor | float) -> Tensor:
+    n = x.shape[1]
+    top = x.amax(-1, keepdim=True) - c
+    return torch.maximum((x.sum(-1, keepdim=True) - c) / n, top)
+
+
+def _simplex_pruned(x: Tensor, c: Tensor | float) -> Tensor:
+    rows, n = x.shape
+    lo = _simplex_lower_bound(x, c) if rows > 0 else x.new_empty(0, 1)
+    if rows == 0 or n < _MIN_PRUNE:
+        return _simplex_newton(x, c, lo)
+    k = n // _GROUP
+    head = x[:, : k * _GROUP].view(rows, _GROUP, k)
+    tail = x[:, k * _GROUP :]
+    group_max = head.amax(1)
+    coarse = torch.cat([group_max, tail], 1) if tail.shape[1] > 0 else group_max
+    lo = torch.maximum(lo, _simplex_pruned(coarse, c))
+    candidate = group_max > lo
+    per_row = candidate.view(torch.uint8).sum(-1, dtype=torch.int32)
+    kmax = int(per_row.max())
+    width = kmax * _GROUP + tail.shape[1]
+    if 2 * width > n:
+        return _simplex_newton(x, c, lo)
+    # Gather the candidate groups into a dense (rows, width) matrix padded with lo:
+    # padding never exceeds a threshold t >= lo, so it never enters the support.
+    index = candidate.nonzero()
+    row_id, group_id = index[:, 0], index[:, 1]
+    starts = (per_row.cumsum(0) - per_row).to(torch.int64)
+    position = torch.arange(index.shape[0], device=x.device) - starts[row_id]
+    dense = lo.view(rows, 1, 1).expand(rows, kmax, _GROUP).clone()
+    dense[row_id, position] = head[row_id, :, group_id]
+    packed = dense.view(rows, kmax * _GROUP)
+    if tail.shape[1] > 0:
+        packed = torch.cat([packed, tail], 1)
+    return _simplex_newton(packed, c, lo)
+
+
+def _simplex_newton(x: Tensor, c: Tensor | float, lo: Tensor) -> Tensor:
+    """Michelot/Newton steps from the lower bound ``lo`` until each row's support is stable.
+
+    Rows still running after ``_MAX_STEPS`` steps finish by sorting.
+    """
+    tau = lo.clone()
+    work = torch.empty_like(x)
+    active = torch.arange(x.shape[0], device=x.device)
+    t, previous = lo, None
+    for _ in range(_MAX_STEPS):
+        buffer = work[: x.shape[0]]
+        torch.sub(x, t, out=buffer).clamp_min_(0.0)
+        above = buffer.sum(-1, keepdim=True)
+        count = buffer.sign_().sum(-1, keepdim=True)
+        # count >= 1 below max(x); count = 0 only for a total of 0, where tau = max(x)
+        step = torch.where(count > 0, torch.addcdiv(t, above - c, count.clamp_min(1.0)), t)
+        done = ~(step > t)  # no progress; also stops rows with NaN entries
+        if previous is not None:
+            done |= count == previous
+        tau[active] = torch.where(done, step, t)
+        keep = (~done[:, 0]).nonzero()[:, 0]
+        if keep.numel() == 0:
+            return tau
+        if keep.numel() < x.shape[0]:
+            active, x, t = active[keep], x[keep], step[keep]
+            previous = count[keep]
+            c = c[keep] if isinstance(c, Tensor) else c
+        else:
+            t, previous = step, count
+    sorted_tau = _simplex_sort(x.to(wide_dtype(x.device)), _wide(c, x)).to(x.dtype)
+    tau[active] = sorted_tau
+    return tau
