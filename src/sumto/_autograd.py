@@ -15,27 +15,34 @@ total less the bound entries' mass); off ``F`` it is a constant bound. So
 ``grad_x = 1_F * (g - sum_F g / |F|)``, ``grad_c = sum_F g / |F|``. The map is piecewise
 linear: its second derivative is zero wherever it is differentiable.
 
+Note [One-sided rounding]
+For ``max(x - tau, l)`` (the simplex is ``l = 0``) each row is shifted by its max
+first. A free entry then lies within the output's scale of the max, so ``x - max``
+is exact for it (Sterbenz) and ``tau`` of the shifted row is of the output's scale:
+the output rounds at its own scale, however large ``x`` is (pre-weights of
+magnitude 1 projected onto a total of 0.01), and passes the membership check the
+library applies to values it is given back. An all ``-inf`` row is shifted to a zero
+row, whose projection (the uniform row) is its limit.
+
 Note [Sum refinement]
-``x - tau`` rounds at the scale of ``x`` and ``tau``, which can be far larger than the
-output (pre-weights of magnitude 1 projected onto a total of 0.01): the sum of the
-output would then be off by many of its own ulps, and a value the library produced
-would fail its own membership check. One correction from the output itself,
-``y <- y - (sum(y) - c) / |F|`` on ``F``, leaves only the rounding of the output's
-entries. It does not change the classification beyond rounding, so the Jacobian is
-that of Note [Jacobian from the free set]. A row without a free entry (every entry
-on a bound) whose sum still misses the total (an all ``-inf`` row of the simplex)
-spreads the difference over all its entries: the uniform row, its limit.
+Two finite bounds do not keep free entries near the row's max: they can sit far
+below it (the largest entries at the upper bound), where ``x - tau`` rounds at the
+scale of ``x``; a nonzero lower bound alone lets free entries span the whole row. One correction from the output itself, ``y <- y - (sum(y) - c) / |F|``
+on ``F``, leaves only the rounding of the output's entries; it moves entries by a
+rounding-sized amount, so the classification and the Jacobian of
+Note [Jacobian from the free set] stay as they are.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from sumto import _search
-from sumto._compat import is_compiling, wide_dtype
+from sumto._compat import is_compiling
 
 __all__ = ["clamp_shift"]
 
@@ -58,21 +65,46 @@ def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) ->
 
 
 def _free(y: Tensor, lower: float, upper: float) -> Tensor:
-    """0/1 indicator of the free set ``lower < y < upper`` in ``y``'s dtype."""
-    return ((y > lower) & (y < upper)).to(y.dtype)
+    """0/1 indicator of the free set ``lower < y < upper`` (``y`` within the bounds).
+
+    Float sign arithmetic: comparisons and bool-to-float copies are slow on CPU.
+    """
+    if math.isinf(upper):
+        return torch.sign(y - lower) if lower != 0.0 else torch.sign(y)
+    if math.isinf(lower):
+        return torch.sign(upper - y)
+    return torch.sub(y, lower).mul_(torch.rsub(y, upper)).sign_()
 
 
 def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
-    """The output, with Note [Sum refinement] applied (no autograd)."""
-    tau = _search.threshold(x, total, lower, upper)
-    y = (x - tau).clamp_(lower, upper)
+    """The output, without autograd."""
+    if math.isinf(lower):  # mirror: min(x - t, u) = -max(-x + t, -u)
+        return _assemble(-x, -total, -upper, math.inf).neg_()
+    if math.isinf(upper):
+        return _assemble_one_sided(x, total, lower)
+    return _assemble_box(x, total, lower, upper)
+
+
+def _assemble_one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
+    """``max(x - tau, l)`` from rows shifted by their max (Note [One-sided rounding])."""
+    top = x.amax(-1, keepdim=True)
+    dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
+    shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
+    tau = _search.one_sided(shifted, total, lower)
+    y = shifted.sub_(tau).clamp_min_(lower)
+    return y if lower == 0.0 else _refine(y, total, lower, math.inf)
+
+
+def _assemble_box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    tau = _search.box(x, total, lower, upper)
+    return _refine(torch.sub(x, tau).clamp_(lower, upper), total, lower, upper)
+
+
+def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Note [Sum refinement], in place on ``y``."""
     free = _free(y, lower, upper)
-    count = free.sum(-1, keepdim=True)
-    # rows without a free entry spread their error over every entry
-    free = torch.where(count > 0, free, 1.0)
-    count = torch.where(count > 0, count, float(x.shape[-1]))
-    excess = ((y.sum(-1, keepdim=True, dtype=wide_dtype(y.device)) - total) / count).to(y.dtype)
-    return y.sub_(free * excess).clamp_(lower, upper)
+    excess = (y.sum(-1, keepdim=True) - total) / free.sum(-1, keepdim=True).clamp_min(1.0)
+    return y.addcmul_(free, excess, value=-1.0).clamp_(lower, upper)
 
 
 class _ClampShift(torch.autograd.Function):

@@ -20,10 +20,10 @@ two-sided box   sorted breakpoints, :func:`_box_sort`     none
 
 The sort-based searches run wherever data-dependent control flow is not free: on
 other devices, while ``torch.compile``/``torch.export``/``torch.jit.trace`` record,
-under ``torch.func`` transforms, and on short rows, where they are fastest. They run
+under ``torch.func`` transforms, and on small inputs, where they are fastest. They run
 in float64 (float32 on MPS): their prefix sums of long float32 rows would lose the
 classification in narrow boxes. The Newton search runs on CPU in plain eager mode
-on rows of at least ``_LONG_ROW`` entries. :func:`forced` selects a search for
+on inputs of at least ``_LARGE`` entries. :func:`forced` selects a search for
 tests and benchmarks.
 
 Note [Simplex threshold by Newton's method]
@@ -68,8 +68,9 @@ __all__: list[str] = []
 
 Search = Literal["sort", "newton"]
 
-# Rows of at least this many entries take the Newton search on eager CPU.
-_LONG_ROW = 1024
+# Inputs of at least this many entries take the Newton searches on eager CPU: below
+# it the sort (few operations) is fastest, above it the sort's O(n log n) work is.
+_LARGE = 1 << 15
 # Stripe count of the coarse simplex problem; rows shorter than _MIN_PRUNE are not pruned.
 _GROUP = 16
 _MIN_PRUNE = 256
@@ -94,49 +95,65 @@ def forced(search: Search | None) -> Iterator[None]:
         _forced = before
 
 
-def threshold(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
+    """``tau`` of shape ``(..., 1)`` such that ``max(x - tau, lower)`` sums to ``total``.
+
+    Args:
+        x: Rows ``(..., n)``, float32 or float64, finite or ``-inf`` (the assembly
+            shifts each row by its max, so entries are at most 0).
+        total: Float or tensor of shape ``(..., 1)``, ``total >= n * lower``.
+        lower: Finite lower bound.
+
+    Returns:
+        ``tau`` in ``x``'s dtype, from the exact classification of every entry:
+        ``(sum_F x - total + (n - |F|) lower) / |F|`` over the free entries ``F``,
+        so its rounding is that of the output's entries, not of ``lower``.
+    """
+    with torch.no_grad():
+        x = x.detach()
+        if _use_newton(x):
+            excess = total - x.shape[-1] * lower if lower != 0.0 else total
+            tau = _simplex_newton_rows(x, excess)
+            if lower == 0.0:
+                return tau  # Newton's last step already solves the classification
+            return _one_sided_polish(x, total, lower, tau - lower)
+        return _one_sided_sort(_finite_wide(x), _wide(total, x), lower).to(x.dtype)
+
+
+def box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
     """``tau`` of shape ``(..., 1)`` such that ``clamp(x - tau, lower, upper)`` sums to ``total``.
 
     Args:
         x: Rows ``(..., n)``, float32 or float64, without NaN.
-        total: Float or tensor of shape ``(..., 1)`` with
-            ``n * lower <= total <= n * upper``.
-        lower: Lower bound, ``-inf`` allowed.
-        upper: Upper bound, ``inf`` allowed; not both infinite, ``lower < upper``.
+        total: Float or tensor of shape ``(..., 1)``, ``n * lower <= total <= n * upper``.
+        lower: Finite lower bound.
+        upper: Finite upper bound, ``upper > lower``.
 
     Returns:
-        ``tau`` in ``x``'s dtype; every entry is classified (below, between or above
-        the bounds) as in the exact solution, up to the rounding of the entries.
+        ``tau`` in ``x``'s dtype; every entry is classified (at a bound or between)
+        as in the exact solution, up to the rounding of the entries.
     """
     with torch.no_grad():
         x = x.detach()
-        if math.isinf(lower):  # mirror: min(x - t, u) = -max(-x + t, -u)
-            return -_one_sided(-x, -total, -upper)
-        if math.isinf(upper):
-            return _one_sided(x, total, lower)
+        if _use_newton(x):
+            return _box_newton_rows(x, total, lower, upper)
         return _box_sort(x, total, lower, upper).to(x.dtype)
 
 
 def _use_newton(x: Tensor) -> bool:
     if _forced is not None:
         return _forced == "newton" and eager(x)
-    return x.shape[-1] >= _LONG_ROW and eager(x)
+    return x.numel() >= _LARGE and eager(x)
 
 
-def _one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
-    """``tau`` of ``max(x - tau, lower)`` summing to ``total``.
-
-    ``sum max(x_i - tau, l) = c`` is the simplex problem ``sum max(x_i - r, 0) = c - n l``
-    with ``r = tau + l``; ``x`` itself is never shifted by the bound, whose rounding
-    would swamp entries far smaller than it.
-    """
+def _one_sided_polish(x: Tensor, total: Tensor | float, lower: float, tau: Tensor) -> Tensor:
+    """``tau`` recomputed from the classification at ``tau`` (float sign arithmetic, no bools)."""
     n = x.shape[-1]
-    excess = total - n * lower if lower != 0.0 else total
-    if _use_newton(x):
-        r = _simplex_newton_rows(x, excess)
-    else:
-        r = _simplex_sort(_finite_wide(x), _wide(excess, x)).to(x.dtype)
-    return r - lower if lower != 0.0 else r
+    free = torch.sub(x, tau + lower).clamp_min_(0.0).sign_()
+    count = free.sum(-1, keepdim=True)
+    free_sum = free.mul_(x).sum(-1, keepdim=True)
+    exact = (free_sum - total + (n - count) * lower) / count.clamp_min(1.0)
+    return torch.where(count > 0, exact, tau)
 
 
 def _wide(total: Tensor | float, x: Tensor) -> Tensor | float:
@@ -146,8 +163,7 @@ def _wide(total: Tensor | float, x: Tensor) -> Tensor | float:
 def _finite_wide(x: Tensor) -> Tensor:
     """``x`` in the wide dtype with infinities clamped to ``x``'s finite range.
 
-    An all ``-inf`` row then has a finite ``tau`` (the assembly spreads its total
-    evenly), and ``-inf`` entries never enter the sums as ``inf - inf``.
+    ``-inf`` entries then never enter the sums as ``inf - inf``.
     """
     big = torch.finfo(x.dtype).max
     return x.to(wide_dtype(x.device)).clamp(-big, big)
@@ -159,13 +175,23 @@ def _finite_wide(x: Tensor) -> Tensor:
 
 
 def _simplex_sort(x: Tensor, c: Tensor | float) -> Tensor:
-    """Root of ``sum max(x - t, 0) = c`` per row by sorting (Held et al. 1974, Duchi et al. 2008)."""
+    """Root of ``sum max(x - t, 0) = c`` per row by sorting."""
+    return _one_sided_sort(x, c, 0.0)
+
+
+def _one_sided_sort(x: Tensor, c: Tensor | float, lower: float) -> Tensor:
+    """Root of ``sum max(x - t, l) = c`` per row by sorting (Held et al. 1974, Duchi et al. 2008).
+
+    With the ``k`` largest entries free, ``t_k = (css_k - c + (n - k) l) / k``; the
+    free set is the largest ``k`` with ``u_k - t_k > l``.
+    """
     n = x.shape[-1]
     u, _ = torch.sort(x, dim=-1, descending=True)
-    css = u.cumsum(-1) - c
     k = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
-    # the support size: the number of k with u_k > (css_k - c) / k
-    rho = (u * k > css).sum(-1, keepdim=True).clamp_min(1)
+    css = u.cumsum(-1) - c
+    if lower != 0.0:
+        css = css + (n - k) * lower
+    rho = ((u - lower) * k > css).sum(-1, keepdim=True).clamp_min(1)
     return css.gather(-1, rho - 1) / rho.to(x.dtype)
 
 
@@ -211,17 +237,17 @@ def _box_sort(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
 def _simplex_newton_rows(x: Tensor, c: Tensor | float) -> Tensor:
     shape = (*x.shape[:-1], 1)
     matrix = x.reshape(-1, x.shape[-1]).contiguous()
-    big = torch.finfo(x.dtype).max
-    matrix = matrix.clamp(-big, big)
     if isinstance(c, Tensor):
         c = c.to(x.dtype).expand(shape).reshape(-1, 1)
     return _simplex_pruned(matrix, c).reshape(shape)
 
 
 def _simplex_lower_bound(x: Tensor, c: Tensor | float) -> Tensor:
+    """A lower bound of the root; 0 for an all ``-inf`` row (whose root is not finite)."""
     n = x.shape[1]
     top = x.amax(-1, keepdim=True) - c
-    return torch.maximum((x.sum(-1, keepdim=True) - c) / n, top)
+    bound = torch.maximum((x.sum(-1, keepdim=True) - c) / n, top)
+    return torch.where(bound > -math.inf, bound, 0.0)
 
 
 def _simplex_pruned(x: Tensor, c: Tensor | float) -> Tensor:
@@ -258,11 +284,13 @@ def _simplex_pruned(x: Tensor, c: Tensor | float) -> Tensor:
 def _simplex_newton(x: Tensor, c: Tensor | float, lo: Tensor) -> Tensor:
     """Michelot/Newton steps from the lower bound ``lo`` until each row's support is stable.
 
-    Rows still running after ``_MAX_STEPS`` steps finish by sorting.
+    Finished rows are written out and, once they are at least half of the working
+    set, dropped from it (a copy of the remaining rows, so not at every step). Rows
+    still running after ``_MAX_STEPS`` steps finish by sorting.
     """
-    tau = lo.clone()
+    tau = torch.empty_like(lo)
     work = torch.empty_like(x)
-    active = torch.arange(x.shape[0], device=x.device)
+    ids = torch.arange(x.shape[0], device=x.device)  # working row -> output row
     t, previous = lo, None
     for _ in range(_MAX_STEPS):
         buffer = work[: x.shape[0]]
@@ -274,16 +302,93 @@ def _simplex_newton(x: Tensor, c: Tensor | float, lo: Tensor) -> Tensor:
         done = ~(step > t)  # no progress; also stops rows with NaN entries
         if previous is not None:
             done |= count == previous
-        tau[active] = torch.where(done, step, t)
-        keep = (~done[:, 0]).nonzero()[:, 0]
-        if keep.numel() == 0:
+        finished = int(done.sum())
+        if finished == x.shape[0]:
+            tau[ids] = step
             return tau
-        if keep.numel() < x.shape[0]:
-            active, x, t = active[keep], x[keep], step[keep]
-            previous = count[keep]
+        if 2 * finished >= x.shape[0]:
+            tau[ids[done[:, 0]]] = step[done[:, 0]]
+            keep = (~done[:, 0]).nonzero()[:, 0]
+            ids, x, step, count = ids[keep], x[keep], step[keep], count[keep]
             c = c[keep] if isinstance(c, Tensor) else c
-        else:
-            t, previous = step, count
-    sorted_tau = _simplex_sort(x.to(wide_dtype(x.device)), _wide(c, x)).to(x.dtype)
-    tau[active] = sorted_tau
+        # converged rows stay converged: at their root the step repeats the count
+        t, previous = step, count
+    tau[ids] = _simplex_sort(x.to(wide_dtype(x.device)), _wide(c, x)).to(x.dtype)
+    return tau
+
+
+# ---------------------------------------------------------------------------
+# box: Newton's method with a bracket (eager CPU): Note [Box threshold by Newton's method]
+# ---------------------------------------------------------------------------
+
+
+def _box_newton_rows(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    shape = (*x.shape[:-1], 1)
+    matrix = x.reshape(-1, x.shape[-1]).contiguous()
+    c = total.to(x.dtype).expand(shape).reshape(-1, 1) if isinstance(total, Tensor) else total
+    if matrix.shape[0] == 0:
+        return x.new_empty(shape)
+    return _box_newton(matrix, c, lower, upper).reshape(shape)
+
+
+def _box_evaluate(
+    x: Tensor, t: Tensor, lower: float, upper: float, work: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h(t), #at upper, #at lower)`` per row, in ``x``'s dtype, in one work buffer.
+
+    Counts come from sums of signs (boolean reductions are slow on CPU); an entry
+    exactly on the upper bound counts one half, which only steers Newton's step.
+    """
+    n = x.shape[1]
+    at_upper = (torch.sub(x, t + upper, out=work).sign_().sum(-1, keepdim=True) + n) * 0.5
+    torch.sub(x, t, out=work).clamp_(lower, upper)
+    value = work.sum(-1, keepdim=True)
+    at_lower = n - work.sub_(lower).sign_().sum(-1, keepdim=True)
+    return value, at_upper, at_lower
+
+
+def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
+    """Safeguarded Newton iterations per row until the classification is stable."""
+    rows, n = x.shape
+    lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
+    hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
+    # the affine projection's shift: the root whenever every entry stays free
+    t = torch.minimum(torch.maximum((x.sum(-1, keepdim=True) - c) / n, lo), hi)
+    tau = torch.empty_like(t)
+    work = torch.empty_like(x)
+    ids = torch.arange(rows, device=x.device)  # working row -> output row
+    settled = torch.zeros_like(t, dtype=torch.bool)
+    previous: tuple[Tensor, Tensor] | None = None
+    newton_before = torch.zeros_like(settled)
+    for step in range(_MAX_STEPS):
+        value, at_upper, at_lower = _box_evaluate(x, t, lower, upper, work[: x.shape[0]])
+        excess = value - c
+        free = n - at_upper - at_lower
+        above = excess >= 0
+        lo = torch.where(above, t, lo)
+        hi = torch.where(above, hi, t)
+        newton = t + excess / free.clamp_min(1.0)
+        # t's classification gives the root when Newton reached t from a point of the
+        # same classification, when the step stalls, or at a bracket of adjacent floats
+        done = (excess == 0) | (newton == t) | ~(torch.nextafter(lo, hi) < hi)
+        if previous is not None:
+            done |= newton_before & (at_upper == previous[0]) & (at_lower == previous[1])
+        done &= ~settled
+        if bool(done.any()):
+            tau[ids[done[:, 0]]] = torch.where(free > 0, newton, t)[done[:, 0]]
+            settled |= done
+        finished = int(settled.sum())
+        if finished == x.shape[0]:
+            return tau
+        use_newton = (free > 0) & (newton > lo) & (newton < hi) & (step % 8 != 7)
+        # settled rows stay where they are
+        t = torch.where(settled, t, torch.where(use_newton, newton, 0.5 * lo + 0.5 * hi))
+        previous, newton_before = (at_upper, at_lower), use_newton
+        if 2 * finished >= x.shape[0]:
+            keep = (~settled[:, 0]).nonzero()[:, 0]
+            ids, x, t, lo, hi = ids[keep], x[keep], t[keep], lo[keep], hi[keep]
+            previous = (at_upper[keep], at_lower[keep])
+            newton_before, settled = newton_before[keep], settled[keep]
+            c = c[keep] if isinstance(c, Tensor) else c
+    tau[ids] = _box_sort(x, c, lower, upper).to(x.dtype)
     return tau

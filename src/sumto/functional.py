@@ -32,7 +32,7 @@ from sumto import _checks
 from sumto._autograd import clamp_shift
 from sumto._checks import Dim as Dim
 from sumto._checks import Total as Total
-from sumto._compat import wide_dtype
+from sumto._compat import eager
 
 __all__ = [
     "project_box_sum",
@@ -142,24 +142,27 @@ def _apply_rows(
 
 
 def _sum_scale(n: int) -> float:
-    """The power of two ``s >= n`` that float64 sums of ``n`` entries are scaled by.
+    """The power of two ``s >= n`` that sums of ``n`` entries are scaled by when they overflow.
 
     # Note [Overflow-free sums]
     A sum of finite entries near the dtype's max overflows, and then inf - inf gives
-    nan. float32 (and half) entries are summed in float64, whose range holds any
-    such sum; float64 entries are summed as ``x / s`` with ``s >= n`` a power of two,
-    an exact scaling (barring subnormals).
+    nan. Summing ``x / s`` instead, with ``s >= n`` a power of two, keeps every partial
+    sum within range, and the scaling is exact (barring subnormals). The scaled sum
+    costs a full-size temporary, so it is computed only where the plain sum is not
+    finite: on eager CPU after a look at the plain sum, elsewhere (no host sync)
+    always, and selected per slice.
     """
     return float(1 << (n - 1).bit_length()) if n > 1 else 1.0
 
 
 def _slice_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Overflow-free sums over ``dims`` (keepdim), in the wide dtype (Note [Overflow-free sums])."""
-    wide = wide_dtype(x.device)
-    if x.dtype != wide:
-        return x.sum(dims, keepdim=True, dtype=wide)
+    """Sums over ``dims`` (keepdim) that never overflow (Note [Overflow-free sums])."""
+    plain = x.sum(dims, keepdim=True)
+    if eager(x) and bool(torch.isfinite(plain).all()):
+        return plain
     scale = _sum_scale(_reduced_size(x.shape, dims))
-    return (x / scale).sum(dims, keepdim=True) * scale
+    scaled = (x / scale).sum(dims, keepdim=True) * scale
+    return torch.where(torch.isfinite(plain), plain, scaled)
 
 
 def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
@@ -177,9 +180,8 @@ def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Ten
     if x.ndim == 0 or n == 1:
         # A single entry is the total, exactly (x + (total - x) rounds).
         return torch.zeros_like(x) + total
-    y = x + ((total - _slice_sum(x, dims)) / n).to(x.dtype)
-    correction = ((total - _slice_sum(y.detach(), dims)) / n).to(x.dtype)
-    return y + correction.detach()
+    y = x + (total - _slice_sum(x, dims)) / n
+    return y + ((total - _slice_sum(y.detach(), dims)) / n).detach()
 
 
 def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
@@ -250,7 +252,7 @@ def _sum_violation(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> T
     xc = x.to(_compute_dtype(x.dtype))
     if x.ndim == 0:
         return (xc - total).abs()
-    return _max_or_zero((_slice_sum(xc, dims) - total).abs()).to(xc.dtype)
+    return _max_or_zero((_slice_sum(xc, dims) - total).abs())
 
 
 # ---------------------------------------------------------------------------
@@ -290,7 +292,7 @@ def project_sum(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
         >>> project_sum(torch.tensor([0.0, -1.0, 5.0]), total=1.0)
         tensor([-1., -2.,  4.])
         >>> project_sum(torch.ones(2, 3, 3), total=1.0, dim=(1, 2)).sum((1, 2))
-        tensor([1.0000, 1.0000])
+        tensor([1., 1.])
     """
     dims = _validate(x, total, dim)
     compute = _compute_dtype(x.dtype)
