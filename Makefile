@@ -23,7 +23,7 @@ typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
 
 pytest: $(VENV)/.dev-installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 test: lint typecheck pytest
 
