@@ -13,7 +13,6 @@ import argparse
 import re
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 import sumto
+from sumto._safe_load import UntrustedContentError, load_checkpoint
 from sumto.constraints import EXTRA_STATE_FORMAT, Constraint
 
 __all__ = ["main"]
@@ -50,37 +50,22 @@ def _error(command: str, message: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _load_failure(exc: Exception) -> str:
-    """The informative part of a ``torch.load`` error, as one short sentence."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:  # weights_only errors bury the reason after a long preamble
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return "empty or truncated file"
-    reason = lines[0].split(". ")[0].rstrip(".")
-    if "Unsupported global" in reason:
-        reason += "; save model.state_dict(), not a pickled object"
-    return reason
-
-
-def _load_checkpoint(path: str) -> Mapping[str, Any]:
-    """Load a state_dict with ``weights_only=True``; ValueError with a one-line reason."""
+def _load_checkpoint(path: str, trusted: bool) -> Mapping[str, Any]:
+    """Load a checkpoint (see ``sumto._safe_load``); ValueError with a one-line reason."""
     file = Path(path)
     if not file.exists():
         raise ValueError(f"expected an existing checkpoint file, got {path!r}: no such file")
     if not file.is_file():
         raise ValueError(f"expected a checkpoint file, got {path!r}: not a regular file")
     try:
-        with warnings.catch_warnings():  # e.g. pickle-protocol warnings: one line only
-            warnings.simplefilter("ignore")
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
+        state = load_checkpoint(file, trusted=trusted)
+    except UntrustedContentError as exc:
         raise ValueError(
-            f"expected a state_dict saved with torch.save, got an unreadable file {path!r} "
-            f"({type(exc).__name__}: {_load_failure(exc)})"
+            f"{exc} (file {path!r}); save model.state_dict() rather than whole objects, or "
+            "pass --trusted if you trust the file (it runs code from the file)"
         ) from exc
+    except ValueError as exc:
+        raise ValueError(f"{exc} (file {path!r})") from exc
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise ValueError(
             f"expected a state_dict (a dict of name -> tensor) in {path!r}, "
@@ -199,11 +184,25 @@ def _describe(state: Mapping[str, Any], prefix: str, name: str, indices: list[in
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    # Whatever a damaged or crafted file triggers ends in one line, without a traceback.
     try:
-        state = _load_checkpoint(args.checkpoint)
+        state = _load_checkpoint(args.checkpoint, args.trusted)
     except ValueError as exc:
         _error("inspect", str(exc))
         return 1
+    except Exception as exc:  # e.g. MemoryError, or anything a --trusted file raises
+        _error("inspect", f"expected a checkpoint sumto can read, got {type(exc).__name__}: {exc}")
+        return 1
+    try:
+        return _report(args.checkpoint, state)
+    except Exception as exc:
+        _error(
+            "inspect", f"expected a checkpoint sumto can describe, got {type(exc).__name__}: {exc}"
+        )
+        return 1
+
+
+def _report(checkpoint: str, state: Mapping[str, Any]) -> int:
     found = _state_dicts(state, "", 0)
     total = 0
     out: list[str] = []
@@ -222,11 +221,11 @@ def _inspect(args: argparse.Namespace) -> int:
     plural = "" if total == 1 else "s"
     if total == 0:
         print(
-            f"{args.checkpoint}: no sumto-constrained tensors among {len(state)} entries "
+            f"{checkpoint}: no sumto-constrained tensors among {len(state)} entries "
             "(a baked or plain checkpoint stores plain weights)"
         )
     else:
-        print(f"{args.checkpoint}: {total} sumto-constrained tensor{plural}")
+        print(f"{checkpoint}: {total} sumto-constrained tensor{plural}")
         print("\n".join(out))
     return 0
 
@@ -291,11 +290,25 @@ def _parser() -> argparse.ArgumentParser:
         "inspect",
         help="list the sumto-constrained tensors of a saved state_dict and their sums",
         description=(
-            "Load a state_dict (torch.load with weights_only=True) and print, for every "
-            "sumto-constrained tensor, its shape and its sums along the constrained dims."
+            "Load a checkpoint written by torch.save and print, for every sumto-constrained "
+            "tensor of the state_dicts in it, its shape and its sums along the constrained "
+            "dims. By default the file is read without running code from it "
+            "(torch.load with weights_only=True and mmap=True, after a check of every tensor "
+            "header against the file size): it may hold tensors, dicts, lists, tuples, sets, "
+            "numbers, strings, torch.Size, torch.device, argparse.Namespace, numpy scalars, "
+            "dtypes and arrays, and pathlib paths; anything else is refused, naming it."
         ),
     )
     inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="file written by torch.save")
+    inspect.add_argument(
+        "--trusted",
+        action="store_true",
+        help=(
+            "load with the full pickle loader (torch.load with weights_only=False), which "
+            "reads any object but EXECUTES ARBITRARY CODE from the file and does not bound "
+            "memory: use it only on files you trust (default: off)"
+        ),
+    )
     inspect.set_defaults(handler=_inspect)
     return parser
 
