@@ -8,22 +8,24 @@ exact sum and its derivatives are assembled in :mod:`sumto._autograd`, which onl
 needs ``tau`` to classify every entry correctly up to the rounding of the entries
 (Note [Sum refinement] there makes the sum exact from any such ``tau``).
 
-Code paths per map (the count the design keeps at one or two):
+Code paths per map: at most two searches and one assembly each.
 
-==============  ========================================  ==========================
-map             device-agnostic search (no host sync)     eager-CPU search
-==============  ========================================  ==========================
-one-sided       sort (Held/Duchi), :func:`_simplex_sort`  pruned Newton, long rows
-(simplex)                                                 (:func:`_simplex_newton`)
-two-sided box   sorted breakpoints, :func:`_box_sort`     none
-==============  ========================================  ==========================
+==============  ========================================  ================================
+map             device-agnostic search (no host sync)     eager-CPU search, large inputs
+==============  ========================================  ================================
+affine sum      none (closed form)                        none
+one-sided       sort (Held/Duchi), :func:`_one_sided_sort`  pruned Newton (:func:`_simplex_pruned`)
+(simplex)
+two-sided box   sorted breakpoints, :func:`_box_sort`     safeguarded Newton (:func:`_box_newton`)
+==============  ========================================  ================================
 
 The sort-based searches run wherever data-dependent control flow is not free: on
 other devices, while ``torch.compile``/``torch.export``/``torch.jit.trace`` record,
 under ``torch.func`` transforms, and on small inputs, where they are fastest. They run
 in float64 (float32 on MPS): their prefix sums of long float32 rows would lose the
-classification in narrow boxes. The Newton search runs on CPU in plain eager mode
-on inputs of at least ``_LARGE`` entries. :func:`forced` selects a search for
+classification in narrow boxes. The Newton searches run on CPU in plain eager mode
+on inputs of at least ``_LARGE`` entries, where sorting costs many times more
+(``make bench`` prints the ratio per shape). :func:`forced` selects a search for
 tests and benchmarks.
 
 Note [Simplex threshold by Newton's method]
@@ -50,6 +52,17 @@ smallest), ``h(t) = l K_l + u K_u + (P_{n - K_u} - P_{K_l}) - t (n - K_l - K_u)`
 ``h`` is evaluated at all ``2n`` breakpoints ``x_i - u`` and ``x_i - l``; the root lies
 between the last breakpoint with ``h >= c`` and the next, where the classification
 is constant; ``tau`` follows from that classification in closed form.
+
+Note [Box threshold by Newton's method]
+``h`` has slope ``-#free(t)``; Newton's step ``t + (h(t) - c) / #free(t)`` lands on the
+root when ``t`` lies on the root's linear piece. The search keeps a bracket
+``[lo, hi]`` with ``h(lo) >= c > h(hi)``, starts from the affine projection's shift
+(the root when every entry stays free), and replaces a step that leaves the bracket
+(and every eighth step) by bisection. A row is finished when a Newton step reached a
+point whose classification (the counts at each bound, which move monotonically in
+``t``, so equal counts mean equal sets) equals the one it started from: ``tau`` is
+then Newton's step from it, exact up to rounding. Counts are sums of signs in the
+row's dtype; finished rows are dropped once they are half of the working set.
 """
 
 from __future__ import annotations
