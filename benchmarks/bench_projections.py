@@ -1,52 +1,66 @@
-"""Benchmark the sort-free exact projections of sumto against sorting, bisection and softmax.
+"""Benchmark sumto's projections: search paths, small inputs, baselines and scaling.
 
 Run: ``.venv/bin/python benchmarks/bench_projections.py`` (``--quick`` for a smoke
 run, ``--out DIR`` to write the tables and the scaling plot there).
 
-All variants of a case run side by side in one process on the same float32 CPU
-tensor (``torch.randn``, total 1, constraint over the last dim, no autograd):
+Every variant of a case runs side by side in one process on the same CPU tensor
+(``torch.randn``, total 1, constraint over the last dim, no autograd). Tables:
 
-* ``sumto.project_simplex``: the pruned Newton search of ``sumto._kernels``;
-* ``sort-based``: the previous implementation, a sort per row (Duchi et al. 2008)
-  followed by the same masked formula (``functional._simplex_threshold_sort``);
-* ``torch.softmax``: the cost of the smooth map onto the simplex;
-* ``sumto.project_box_sum``: the safeguarded secant search with a subsample start;
-* ``60-step bisection``: bisection on the shift, 60 steps, written with one reused
-  work buffer (a strong baseline), then ``clamp``;
-* ``blocked bisection`` (box table only): the same, with each step's passes run
-  block of rows by block in a cache-sized buffer as sumto's search does;
-* ``sort-based box``: the previous implementation, breakpoints sorted with cumulative
-  sums (``functional._box_support_sort``), then the masked formula.
+1. **Path choice.** ``project_simplex`` and ``project_box_sum`` (a wide box
+   [-0.5, 1] and a narrow box [0, 10/n]) with each threshold search forced by
+   ``sumto._search.forced("sort" | "newton")``, and with the automatic choice, whose
+   path is observed (whether the Newton entry point of ``sumto._search`` ran), not
+   predicted. The project's rule: a search path earns its place only with a measured
+   speed-up of at least 1.5x on shapes users run.
+2. **Small inputs.** ``project_simplex`` on a few small shapes, and
+   ``project_box_sum`` on one, against the textbook sort formula (Held et al. 1974,
+   Duchi et al. 2008) in plain torch ops: sort descending, cumulative sums, support
+   count, threshold, clamp.
+3. **Aten calls** per projection, counted with ``torch.profiler`` (operators called
+   from Python, and all operators including those nested inside others).
+4. **Simplex** (automatic choice, forced sort, ``torch.softmax``), **box** (automatic
+   choice, forced sort, 60-step bisection on the shift written with one reused work
+   buffer, then ``clamp``) and **affine sum** (``project_sum`` against the one-line
+   formula ``x + (1 - x.sum(-1, keepdim=True)) / n``), each with its largest absolute
+   difference from a float64 reference: the sort formula for the simplex, 100 steps
+   of bisection for the box, the formula for the sum.
+5. **Scaling**: the number of entries fixed (``--scaling-entries``), the row length n
+   from 16 to 2**20 (plot ``scaling.png``).
 
 Timing: each variant is timed in ``--rounds`` interleaved rounds of
 ``torch.utils.benchmark.Timer.blocked_autorange``; a variant keeps its fastest
 round's median, the least disturbed by other processes on the machine. Ratios are
-formed from times measured in the same run. By default torch runs one intra-op
-thread and the clock is the CPU time of that thread (``time.thread_time``): on a
-machine shared with other jobs, wall-clock times of two threads mostly measure the
-scheduler. ``--threads N --clock wall`` measures wall-clock time instead. The
-scaling table holds the number of entries fixed (``--scaling-entries``) and varies
-the row length n from 16 to 2**20.
+formed from times measured in the same run. A forced search is set around the timer,
+not inside the timed call. By default torch runs one intra-op thread and the clock is
+the CPU time of that thread (``time.thread_time``): on a machine shared with other
+jobs, wall-clock times of two threads mostly measure the scheduler.
+``--threads N --clock wall`` measures wall-clock time instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from unittest import mock
 
 import torch
 import torch.utils.benchmark as benchmark
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
+from sumto import _search
 from sumto import functional as F
 
 Step = Callable[[], object]
+Setting = Callable[[], AbstractContextManager[object]]
 CLOCKS: dict[str, Callable[[], float]] = {"thread": time.thread_time, "wall": time.perf_counter}
 
 
@@ -72,11 +86,24 @@ def set_clock(name: str | None) -> str:
 
 
 def time_interleaved(
-    variants: dict[str, Step], rounds: int, min_run_time: float
+    variants: dict[str, Step],
+    rounds: int,
+    min_run_time: float,
+    settings: Mapping[str, Setting] | None = None,
 ) -> dict[str, float]:
-    """Seconds per call of each variant: the fastest of ``rounds`` interleaved medians."""
-    for fn in variants.values():  # warm-up: lazy initialisation, allocator, caches
-        fn()
+    """Seconds per call of each variant: the fastest of ``rounds`` interleaved medians.
+
+    ``settings[name]()``, when given, is a context entered around the warm-up and the
+    timer of variant ``name`` (a forced search), so that it costs the timed calls nothing.
+    """
+    settings = settings or {}
+
+    def setting(name: str) -> AbstractContextManager[object]:
+        return settings[name]() if name in settings else contextlib.nullcontext()
+
+    for name, fn in variants.items():  # warm-up: lazy initialisation, allocator, caches
+        with setting(name):
+            fn()
     best = dict.fromkeys(variants, math.inf)
     for _ in range(rounds):
         for name, fn in variants.items():
@@ -86,7 +113,9 @@ def time_interleaved(
                 num_threads=torch.get_num_threads(),
                 timer=CLOCKS[_clock],
             )
-            best[name] = min(best[name], timer.blocked_autorange(min_run_time=min_run_time).median)
+            with setting(name):
+                median = timer.blocked_autorange(min_run_time=min_run_time).median
+            best[name] = min(best[name], median)
     return best
 
 
@@ -128,98 +157,214 @@ def write(out: str | None, name: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# the baselines: the previous (sort-based) implementations and bisection
+# baselines and references, in plain torch ops
 # ---------------------------------------------------------------------------
 
 
-def sort_based_simplex(x: Tensor, total: float = 1.0) -> Tensor:
-    """project_simplex before issue 7: sort-based support, then the masked formula."""
-    shifted = (x - x.amax(-1, keepdim=True)).clamp_min(-torch.finfo(x.dtype).max)
-    support = F._simplex_threshold_sort(shifted, total)
-    mask = support.to(x.dtype)
-    count = mask.sum(-1, keepdim=True).clamp_min(1.0)
-    tau = ((shifted * mask).sum(-1, keepdim=True) - total) / count
-    return torch.where(support, shifted - tau, torch.zeros_like(shifted))
+def sort_formula_simplex(x: Tensor, total: float = 1.0) -> Tensor:
+    """The textbook simplex projection (Held et al. 1974, Duchi et al. 2008) per row."""
+    n = x.shape[-1]
+    u, _ = torch.sort(x, dim=-1, descending=True)
+    css = u.cumsum(-1) - total
+    k = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
+    support = (u * k > css).sum(-1, keepdim=True)  # at least 1 for total > 0
+    tau = css.gather(-1, support - 1) / support
+    return (x - tau).clamp_min(0.0)
 
 
-def sort_based_box(x: Tensor, total: float, lower: float, upper: float) -> Tensor:
-    """project_box_sum before issue 7: sorted breakpoints, then the masked formula."""
-    free, at_upper = F._box_support_sort(x, total, lower, upper)
-    free_f, upper_f = free.to(x.dtype), at_upper.to(x.dtype)
-    lower_f = 1.0 - free_f - upper_f
-    count = free_f.sum(-1, keepdim=True)
-    fixed = upper * upper_f.sum(-1, keepdim=True) + lower * lower_f.sum(-1, keepdim=True)
-    tau = ((x * free_f).sum(-1, keepdim=True) - (total - fixed)) / count.clamp_min(1.0)
-    bound = torch.where(at_upper, x.new_full((), upper), x.new_full((), lower))
-    return torch.where(free, (x - tau).clamp(lower, upper), bound)
+def sum_formula(x: Tensor, total: float = 1.0) -> Tensor:
+    """The affine projection in one line."""
+    return x + (total - x.sum(-1, keepdim=True)) / x.shape[-1]
 
 
-def bisection_box(
-    x: Tensor,
-    total: float,
-    lower: float,
-    upper: float,
-    steps: int = 60,
-    block_bytes: int | None = None,
-) -> Tensor:
-    """``clamp(x - tau, lower, upper)`` with tau from ``steps`` bisection steps (one buffer).
-
-    With ``block_bytes``, each step's passes run block of rows by block, the cache
-    blocking of sumto's box search (``_kernels._BLOCK_BYTES``), so that the speed-up
-    of the search is not credited to blocking alone.
-    """
-    rows, n = x.shape
-    block = rows if block_bytes is None else max(1, block_bytes // (n * x.element_size()))
-    work = x.new_empty(min(block, rows), n)
-    lo = x.amin(-1, keepdim=True) - upper
-    hi = x.amax(-1, keepdim=True) - lower
-    value = torch.empty_like(lo)  # filled block by block
+def bisection_box(x: Tensor, total: float, lower: float, upper: float, steps: int = 60) -> Tensor:
+    """``clamp(x - tau, lower, upper)`` with tau from ``steps`` bisection steps (one buffer)."""
+    work = torch.empty_like(x)
+    lo = x.amin(-1, keepdim=True) - upper  # the sum is n * upper there
+    hi = x.amax(-1, keepdim=True) - lower  # and n * lower there
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        if block >= rows:  # one block: no slicing, the same few operations as ever
-            value = torch.sub(x, mid, out=work).clamp_(lower, upper).sum(-1, keepdim=True)
-        else:
-            for start in range(0, rows, block):
-                stop = min(start + block, rows)
-                part = torch.sub(x[start:stop], mid[start:stop], out=work[: stop - start])
-                torch.sum(part.clamp_(lower, upper), -1, keepdim=True, out=value[start:stop])
-        above = value > total
+        above = torch.sub(x, mid, out=work).clamp_(lower, upper).sum(-1, keepdim=True) > total
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
-    out = work if work.shape[0] == rows else torch.empty_like(x)
-    return torch.sub(x, 0.5 * (lo + hi), out=out).clamp_(lower, upper)
-
-
-# ---------------------------------------------------------------------------
-# cases
-# ---------------------------------------------------------------------------
-
-
-def simplex_variants(x: Tensor) -> dict[str, Step]:
-    return {
-        "sumto.project_simplex": lambda: F.project_simplex(x),
-        "sort-based": lambda: sort_based_simplex(x),
-        "torch.softmax": lambda: torch.softmax(x, -1),
-    }
-
-
-def box_variants(
-    x: Tensor, total: float, lower: float, upper: float, blocked: bool = False
-) -> dict[str, Step]:
-    variants: dict[str, Step] = {
-        "sumto.project_box_sum": lambda: F.project_box_sum(x, total, lower=lower, upper=upper),
-        "60-step bisection": lambda: bisection_box(x, total, lower, upper),
-        "sort-based box": lambda: sort_based_box(x, total, lower, upper),
-    }
-    if blocked:
-        variants["blocked bisection"] = lambda: bisection_box(
-            x, total, lower, upper, block_bytes=1 << 21
-        )
-    return variants
+    return torch.sub(x, 0.5 * (lo + hi), out=work).clamp_(lower, upper)
 
 
 def max_error(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+# ---------------------------------------------------------------------------
+# the maps: a label, the projection, its float64 reference
+# ---------------------------------------------------------------------------
+
+BOXES: dict[str, Callable[[int], tuple[float, float]]] = {
+    "box [-0.5, 1]": lambda n: (-0.5, 1.0),
+    "box [-4/n, 5/n]": lambda n: (-4.0 / n, 5.0 / n),
+    "box [0, 10/n]": lambda n: (0.0, 10.0 / n),
+    "box [0, 0.1]": lambda n: (0.0, 0.1),
+}
+
+
+def projection(label: str, x: Tensor) -> Callable[[], Tensor]:
+    """``project_simplex`` (``label == "simplex"``) or ``project_box_sum`` on box ``label``."""
+    if label == "simplex":
+        return lambda: F.project_simplex(x)
+    lower, upper = BOXES[label](x.shape[-1])
+    return lambda: F.project_box_sum(x, 1.0, lower=lower, upper=upper)
+
+
+def reference(label: str, x: Tensor) -> Tensor:
+    """The projection of ``x`` in float64, computed without sumto."""
+    if label == "simplex":
+        return sort_formula_simplex(x.double())
+    lower, upper = BOXES[label](x.shape[-1])
+    return bisection_box(x.double(), 1.0, lower, upper, steps=100)
+
+
+SEARCHES: dict[str, Setting] = {
+    "sort": lambda: _search.forced("sort"),
+    "newton": lambda: _search.forced("newton"),
+}
+
+
+def path_taken(fn: Step) -> str:
+    """The search the automatic choice runs in ``fn()``: whether a Newton entry point ran."""
+    names = [
+        name for name in ("_simplex_newton_rows", "_box_newton_rows") if hasattr(_search, name)
+    ]
+    with contextlib.ExitStack() as stack:
+        spies = [
+            stack.enter_context(mock.patch.object(_search, name, wraps=getattr(_search, name)))
+            for name in names
+        ]
+        fn()
+    return "newton" if any(spy.called for spy in spies) else "sort"
+
+
+def aten_calls(fn: Step) -> tuple[int, int]:
+    """``(operators called from Python, all operators)`` of the ``aten`` namespace in ``fn()``."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [event for event in prof.events() if event.name.startswith("aten::")]
+
+    def outermost(event: object) -> bool:
+        parent = getattr(event, "cpu_parent", None)
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(outermost(event) for event in events), len(events)
+
+
+def randn(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------
+
+PathCase = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def run_paths(
+    cases: Sequence[PathCase], rounds: int, min_run_time: float
+) -> tuple[str, list[dict[str, object]]]:
+    """Forced sort against forced Newton against the automatic choice."""
+    rows, results = [], []
+    for label, shape, dtype in cases:
+        x = randn(shape, 3, dtype)
+        fn = projection(label, x)
+        times = time_interleaved(
+            {"sort": fn, "newton": fn, "auto": fn}, rounds, min_run_time, settings=SEARCHES
+        )
+        auto = path_taken(fn)
+        exact = reference(label, x)
+        errors = {}
+        for search in SEARCHES:
+            with SEARCHES[search]():
+                errors[search] = max_error(fn(), exact)
+        sort, newton = times["sort"], times["newton"]
+        rows.append(
+            [
+                label,
+                str(shape),
+                str(dtype).removeprefix("torch."),
+                format_time(sort),
+                format_time(newton),
+                format_time(times["auto"]),
+                f"**{sort / newton:.2f}x**",
+                auto,
+                f"{times['auto'] / min(sort, newton):.2f}",
+                f"{errors['sort']:.1e} / {errors['newton']:.1e}",
+            ]
+        )
+        results.append(
+            {"map": label, "shape": shape, "dtype": str(dtype), **times, "auto_path": auto}
+        )
+    header = [
+        "map",
+        "shape",
+        "dtype",
+        "sort (forced)",
+        "Newton (forced)",
+        "auto",
+        "sort / Newton",
+        "auto takes",
+        "auto / faster forced",
+        "max abs diff vs f64: sort / Newton",
+    ]
+    return markdown_table(header, rows), results
+
+
+def run_small(
+    cases: Sequence[tuple[str, tuple[int, ...]]], rounds: int, min_run_time: float
+) -> tuple[str, list[dict[str, object]]]:
+    """sumto's projections on small inputs against the plain sort formula of the simplex."""
+    rows, results = [], []
+    for label, shape in cases:
+        x = randn(shape, 4)
+        variants = {
+            "sumto": projection(label, x),
+            "sort formula": lambda x=x: sort_formula_simplex(x),
+        }
+        times = time_interleaved(variants, rounds, min_run_time)
+        ratio = times["sumto"] / times["sort formula"]
+        call = "project_simplex" if label == "simplex" else f"project_box_sum, {label}"
+        rows.append(
+            [
+                call,
+                str(shape),
+                format_time(times["sumto"]),
+                format_time(times["sort formula"]),
+                f"**{ratio:.2f}x**",
+            ]
+        )
+        results.append({"map": label, "shape": shape, **times})
+    header = ["sumto call", "shape", "sumto", "simplex sort formula", "sumto / sort formula"]
+    return markdown_table(header, rows), results
+
+
+def run_aten(cases: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[str, list[dict[str, object]]]:
+    """Aten operators per call, automatic search, and those of the sort formula."""
+    rows, results = [], []
+    for label, shape in cases:
+        x = randn(shape, 5)
+        fn = projection(label, x)
+        call = "project_simplex" if label == "simplex" else f"project_box_sum, {label}"
+        calls = [(call, path_taken(fn), fn)]
+        if label == "simplex":
+            calls.append(("simplex sort formula", "sort", lambda x=x: sort_formula_simplex(x)))
+        for name, path, step in calls:
+            outer, total = aten_calls(step)
+            rows.append([name, str(shape), path, str(outer), str(total)])
+            results.append({"call": name, "shape": shape, "outer": outer, "all": total})
+    header = ["call", "shape", "search", "aten ops called from Python", "aten ops incl. nested"]
+    return markdown_table(header, rows), results
 
 
 def run_simplex(
@@ -227,91 +372,121 @@ def run_simplex(
 ) -> tuple[str, list[dict[str, object]]]:
     rows, results = [], []
     for shape in shapes:
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        times = time_interleaved(simplex_variants(x), rounds, min_run_time)
-        fast, sort, soft = (
-            times["sumto.project_simplex"],
-            times["sort-based"],
-            times["torch.softmax"],
-        )
-        error = max_error(F.project_simplex(x), sort_based_simplex(x))
+        x = randn(shape, 0)
+        fn = projection("simplex", x)
+        variants = {"auto": fn, "sort": fn, "torch.softmax": lambda x=x: torch.softmax(x, -1)}
+        times = time_interleaved(variants, rounds, min_run_time, settings=SEARCHES)
+        exact = reference("simplex", x)
+        error = max_error(fn(), exact)
+        with SEARCHES["sort"]():
+            sort_error = max_error(fn(), exact)
+        auto, sort, soft = times["auto"], times["sort"], times["torch.softmax"]
         rows.append(
             [
-                f"({shape[0]}, {shape[1]})",
-                format_time(fast),
+                str(shape),
+                format_time(auto),
+                path_taken(fn),
                 format_time(sort),
                 format_time(soft),
-                f"**{sort / fast:.1f}x**",
-                f"**{fast / soft:.1f}x**",
-                f"{error:.1e}",
+                f"**{sort / auto:.1f}x**",
+                f"**{auto / soft:.1f}x**",
+                f"{error:.1e} / {sort_error:.1e}",
             ]
         )
         results.append({"shape": shape, **times, "max_abs_diff": error})
     header = [
         "shape",
         "project_simplex",
-        "sort-based",
+        "search",
+        "sort (forced)",
         "torch.softmax",
         "speed-up vs sort",
         "time / softmax",
-        "max abs diff",
+        "max abs diff vs f64: auto / sort",
     ]
     return markdown_table(header, rows), results
 
 
 def run_box(
-    shape: tuple[int, int],
-    boxes: Sequence[tuple[str, float, float, float]],
-    rounds: int,
-    min_run_time: float,
+    shape: tuple[int, int], boxes: Sequence[str], rounds: int, min_run_time: float
 ) -> tuple[str, list[dict[str, object]]]:
     rows, results = [], []
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    for label, total, lower, upper in boxes:
-        variants = box_variants(x, total, lower, upper, blocked=True)
-        times = time_interleaved(variants, rounds, min_run_time)
-        fast = times["sumto.project_box_sum"]
-        bisect, sort = times["60-step bisection"], times["sort-based box"]
-        blocked = times["blocked bisection"]
-        error = max_error(
-            F.project_box_sum(x, total, lower=lower, upper=upper),
-            bisection_box(x, total, lower, upper),
-        )
+    x = randn(shape, 1)
+    for label in boxes:
+        lower, upper = BOXES[label](shape[-1])
+        fn = projection(label, x)
+        variants = {
+            "auto": fn,
+            "sort": fn,
+            "60-step bisection": lambda lower=lower, upper=upper: bisection_box(
+                x, 1.0, lower, upper
+            ),
+        }
+        times = time_interleaved(variants, rounds, min_run_time, settings=SEARCHES)
+        exact = reference(label, x)
+        error = max_error(fn(), exact)
+        with SEARCHES["sort"]():
+            sort_error = max_error(fn(), exact)
+        bisect_error = max_error(bisection_box(x, 1.0, lower, upper), exact)
+        auto, sort, bisect = times["auto"], times["sort"], times["60-step bisection"]
         rows.append(
             [
-                f"({shape[0]}, {shape[1]}), {label}",
-                format_time(fast),
-                format_time(bisect),
-                format_time(blocked),
+                f"{shape}, {label}",
+                format_time(auto),
+                path_taken(fn),
                 format_time(sort),
-                f"**{bisect / fast:.1f}x**",
-                f"{blocked / fast:.1f}x",
-                f"{sort / fast:.1f}x",
-                f"{error:.1e}",
+                format_time(bisect),
+                f"**{bisect / auto:.1f}x**",
+                f"{sort / auto:.1f}x",
+                f"{error:.1e} / {sort_error:.1e} / {bisect_error:.1e}",
             ]
         )
         results.append({"shape": shape, "box": label, **times, "max_abs_diff": error})
     header = [
         "case",
         "project_box_sum",
+        "search",
+        "sort (forced)",
         "60-step bisection",
-        "blocked bisection",
-        "sort-based",
         "speed-up vs bisection",
-        "vs blocked bisection",
         "speed-up vs sort",
-        "max abs diff vs bisection",
+        "max abs diff vs f64: auto / sort / bisection",
     ]
     return markdown_table(header, rows), results
 
 
+def run_sum(
+    shape: tuple[int, int], rounds: int, min_run_time: float
+) -> tuple[str, list[dict[str, object]]]:
+    x = randn(shape, 6)
+    variants = {"project_sum": lambda: F.project_sum(x), "formula": lambda: sum_formula(x)}
+    times = time_interleaved(variants, rounds, min_run_time)
+    exact = sum_formula(x.double())
+    errors = [max_error(F.project_sum(x), exact), max_error(sum_formula(x), exact)]
+    row = [
+        str(shape),
+        format_time(times["project_sum"]),
+        format_time(times["formula"]),
+        f"**{times['project_sum'] / times['formula']:.2f}x**",
+        f"{errors[0]:.1e} / {errors[1]:.1e}",
+    ]
+    header = [
+        "shape",
+        "project_sum",
+        "one-line formula",
+        "project_sum / formula",
+        "max abs diff vs f64: project_sum / formula",
+    ]
+    return markdown_table(header, [row]), [{"shape": shape, **times}]
+
+
 SCALING_VARIANTS = [
-    "sumto.project_simplex",
-    "sort-based",
+    "project_simplex",
+    "simplex sort",
     "torch.softmax",
-    "sumto.project_box_sum",
+    "project_box_sum",
+    "box sort",
     "60-step bisection",
-    "sort-based box",
 ]
 
 
@@ -322,32 +497,47 @@ def run_scaling(
     rows, results = [], []
     for n in lengths:
         batch = max(1, entries // n)
-        x = torch.randn(batch, n, generator=torch.Generator().manual_seed(2))
+        x = randn((batch, n), 2)
         # a box 4x wider than the mean 1/n on each side, holding total 1
-        lower, upper = -4.0 / n, 5.0 / n
-        variants = {**simplex_variants(x), **box_variants(x, 1.0, lower, upper)}
-        times = time_interleaved(variants, rounds, min_run_time)
+        lower, upper = BOXES["box [-4/n, 5/n]"](n)
+        simplex, box = projection("simplex", x), projection("box [-4/n, 5/n]", x)
+        variants: dict[str, Step] = {
+            "project_simplex": simplex,
+            "simplex sort": simplex,
+            "torch.softmax": lambda x=x: torch.softmax(x, -1),
+            "project_box_sum": box,
+            "box sort": box,
+            "60-step bisection": lambda x=x, lower=lower, upper=upper: bisection_box(
+                x, 1.0, lower, upper
+            ),
+        }
+        settings = {"simplex sort": SEARCHES["sort"], "box sort": SEARCHES["sort"]}
+        times = time_interleaved(variants, rounds, min_run_time, settings=settings)
         results.append({"n": n, "rows": batch, **times})
         cells = [format_time(times[name]) for name in SCALING_VARIANTS]
         rows.append(
             [
                 str(n),
                 str(batch),
+                path_taken(simplex),
                 *cells,
-                f"{times['sort-based'] / times['sumto.project_simplex']:.1f}x",
-                f"{times['60-step bisection'] / times['sumto.project_box_sum']:.1f}x",
+                f"{times['simplex sort'] / times['project_simplex']:.1f}x",
+                f"{times['box sort'] / times['project_box_sum']:.1f}x",
+                f"{times['60-step bisection'] / times['project_box_sum']:.1f}x",
             ]
         )
     header = [
         "n",
         "rows",
+        "search",
         "project_simplex",
-        "sort-based",
+        "simplex sort",
         "softmax",
         "project_box_sum",
+        "box sort",
         "60-step bisection",
-        "sort-based box",
         "simplex vs sort",
+        "box vs sort",
         "box vs bisection",
     ]
     return markdown_table(header, rows), results
@@ -362,12 +552,12 @@ def plot_scaling(results: list[dict[str, float]], path: str, entries: int) -> No
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     lengths = [r["n"] for r in results]
     styles = {
-        "sumto.project_simplex": ("C0", "-", "o"),
-        "sort-based": ("C0", "--", "o"),
+        "project_simplex": ("C0", "-", "o"),
+        "simplex sort": ("C0", "--", "o"),
         "torch.softmax": ("0.4", ":", "s"),
-        "sumto.project_box_sum": ("C1", "-", "^"),
+        "project_box_sum": ("C1", "-", "^"),
+        "box sort": ("C1", "--", "^"),
         "60-step bisection": ("C1", ":", "^"),
-        "sort-based box": ("C1", "--", "^"),
     }
     for name, (color, line, marker) in styles.items():
         ax.plot(
@@ -390,6 +580,19 @@ def plot_scaling(results: list[dict[str, float]], path: str, entries: int) -> No
     plt.close(fig)
 
 
+def path_cases(
+    shapes: Sequence[tuple[int, ...]], wide: Sequence[tuple[int, ...]]
+) -> list[PathCase]:
+    """Every map on float32 ``shapes``, then the simplex and the wide box on float64 ``wide``."""
+    f32, f64 = torch.float32, torch.float64
+    cases = [
+        (label, shape, f32)
+        for label in ("simplex", "box [-0.5, 1]", "box [0, 10/n]")
+        for shape in shapes
+    ]
+    return cases + [(label, shape, f64) for label in ("simplex", "box [-0.5, 1]") for shape in wide]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Command-line entry point; prints the tables and returns the measurements."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -401,41 +604,100 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--min-run-time", type=float, default=0.3)
     parser.add_argument("--scaling-entries", type=int, default=2**20)
     args = parser.parse_args(argv)
+    small: list[tuple[str, tuple[int, ...]]] = [
+        ("simplex", (13,)),
+        ("simplex", (64, 27)),
+        ("simplex", (8, 576)),
+        ("box [0, 0.1]", (64, 27)),
+    ]
+    aten = [
+        ("simplex", (13,)),
+        ("simplex", (64, 27)),
+        ("box [-0.5, 1]", (13,)),
+        ("box [-0.5, 1]", (64, 27)),
+    ]
+    paths = path_cases(
+        [
+            (13,),
+            (64, 27),
+            (8, 576),
+            (256, 64),
+            (1, 1024),
+            (64, 1024),
+            (4096, 1024),
+            (64, 100_000),
+            (1, 1_000_000),
+            (16384, 256),
+        ],
+        [(64, 1024), (4096, 1024)],
+    )
     simplex_shapes = [(4096, 1024), (64, 100_000), (4096, 16)]
     box_shape = (4096, 1024)
+    sum_shape = (4096, 1024)
     lengths = [2**k for k in range(4, 21, 2)]
     if args.quick:
+        paths = path_cases([(13,), (64, 27), (8, 576), (256, 64), (64, 1024), (4, 20_000)], [])
+        paths += [("simplex", (64, 1024), torch.float64)]
         simplex_shapes = [(64, 1024), (4, 20_000), (256, 16)]
-        box_shape = (64, 1024)
+        box_shape = sum_shape = (64, 1024)
         lengths = [16, 256, 4096, 65_536]
         args.rounds, args.min_run_time, args.scaling_entries = 1, 0.02, 2**16
     torch.set_num_threads(args.threads)
     set_clock(args.clock)
-    n = box_shape[1]
-    boxes = [
-        ("box [-0.5, 1]", 1.0, -0.5, 1.0),
-        ("box [-4/n, 5/n]", 1.0, -4.0 / n, 5.0 / n),
-        ("tight box [0, 10/n]", 1.0, 0.0, 10.0 / n),
-    ]
+    boxes = ["box [-0.5, 1]", "box [-4/n, 5/n]", "box [0, 10/n]"]
     machine = machine_description()
-    print(f"Projection benchmark, float32 randn, total 1, dim -1; {machine.splitlines()[0]}")
+    print(f"Projection benchmark, randn, total 1, dim -1; {machine.splitlines()[0]}")
+    sections, results = [], {}
     with torch.no_grad():
-        simplex_table, simplex_results = run_simplex(simplex_shapes, args.rounds, args.min_run_time)
-        print("\nSimplex projection\n" + simplex_table)
-        box_table, box_results = run_box(box_shape, boxes, args.rounds, args.min_run_time)
-        print("\nBox-sum projection\n" + box_table)
+        timed = [
+            (
+                "paths",
+                f"Path choice: forced searches and the automatic choice (Newton on eager CPU "
+                f"from {_search._LARGE:,} entries)",
+                lambda: run_paths(paths, args.rounds, args.min_run_time),
+            ),
+            (
+                "small",
+                "Small inputs: sumto against the simplex sort formula in plain torch ops (float32)",
+                lambda: run_small(small, args.rounds, args.min_run_time),
+            ),
+            ("aten", "Aten calls per projection (forward, no autograd)", lambda: run_aten(aten)),
+            (
+                "simplex",
+                "Simplex projection (float32)",
+                lambda: run_simplex(simplex_shapes, args.rounds, args.min_run_time),
+            ),
+            (
+                "box",
+                "Box-sum projection (float32)",
+                lambda: run_box(box_shape, boxes, args.rounds, args.min_run_time),
+            ),
+            (
+                "sum",
+                "Affine sum projection (float32)",
+                lambda: run_sum(sum_shape, args.rounds, args.min_run_time),
+            ),
+        ]
+        for key, title, run in timed:
+            table, result = run()
+            print(f"\n{title}\n{table}")
+            sections.append(f"### {title}\n\n{table}")
+            results[key] = result
         scaling_table, scaling_results = run_scaling(
             lengths, args.scaling_entries, args.rounds, args.min_run_time
         )
-        print(f"\nScaling: {args.scaling_entries:,} entries, time per call\n" + scaling_table)
-    write(args.out, "projections.md", f"{simplex_table}\n\n{box_table}\n")
+        print(
+            f"\nScaling: {args.scaling_entries:,} float32 entries, time per call\n" + scaling_table
+        )
+    results["scaling"] = scaling_results
+    write(args.out, "projections.md", "\n\n".join(sections))
     write(args.out, "scaling.md", scaling_table)
     write(args.out, "machine.txt", machine)
     if args.out is not None:
         path = os.path.join(args.out, "scaling.png")
         plot_scaling(scaling_results, path, args.scaling_entries)
         print(f"\nwrote {args.out}/projections.md, scaling.md, scaling.png")
-    return {"simplex": simplex_results, "box": box_results, "scaling": scaling_results}
+    return results
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ other jobs on a shared machine barely disturb).
 
 It runs, in one process and in this order:
 
-* ``bench_projections.py``: the sort-free projections against sorting, bisection and
-  softmax, and their scaling with the row length (``projections.md``,
-  ``scaling.md``, ``scaling.png``);
+* ``bench_projections.py``: each threshold search forced against the automatic
+  choice, small inputs and their aten call counts, the projections against the
+  textbook formulas, bisection and softmax, and their scaling with the row length
+  (``projections.md``, ``scaling.md``, ``scaling.png``);
 * ``bench_overhead.py``: what a parametrization adds to a training step, and
   ``parametrize.cached()`` (``overhead.md``);
 * ``bench_weighted_sum.py``, when present: its ``main(argv)``, output captured to
