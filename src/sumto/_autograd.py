@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from sumto import _search
-from sumto._compat import is_compiling
+from sumto._compat import is_compiling, transforming
 
 __all__ = ["clamp_shift"]
 
@@ -59,7 +59,12 @@ def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) ->
     Returns:
         Tensor of ``x``'s shape and dtype.
     """
-    node = _ClampShiftCompiled if is_compiling() else _ClampShift
+    if is_compiling():
+        node: type[_ClampShift] = _ClampShiftCompiled
+    elif transforming(x):
+        node = _ClampShift
+    else:
+        node = _ClampShiftEager
     out: Tensor = node.apply(x, total, lower, upper)  # type: ignore[no-untyped-call]
     return out
 
@@ -166,3 +171,23 @@ class _ClampShiftCompiled(_ClampShift):
     """
 
     jvp = torch.autograd.Function.jvp  # type: ignore[assignment]
+
+
+class _ClampShiftEager(_ClampShift):
+    """:class:`_ClampShift` with ``ctx`` in ``forward``, for calls outside ``torch.func``.
+
+    ``apply`` of a Function with ``setup_context`` binds its arguments to the
+    signature of ``forward`` on every call, which costs several times the map itself
+    on small tensors; ``torch.func`` transforms require that form, nothing else does.
+    """
+
+    setup_context = torch.autograd.Function.setup_context  # type: ignore[assignment]
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, total: Tensor | float, lower: float, upper: float
+    ) -> Tensor:
+        with torch.no_grad():
+            y = _assemble(x, total, lower, upper)
+        _ClampShift.setup_context(ctx, (x, total, lower, upper), y)
+        return y

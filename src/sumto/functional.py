@@ -181,7 +181,10 @@ def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Ten
         # A single entry is the total, exactly (x + (total - x) rounds).
         return torch.zeros_like(x) + total
     y = x + (total - _slice_sum(x, dims)) / n
-    return y + ((total - _slice_sum(y.detach(), dims)) / n).detach()
+    # y's entries are finite and near the total's share: a plain sum serves here, and a
+    # correction that still overflows is dropped rather than turned into nan
+    correction = ((total - y.detach().sum(dims, keepdim=True)) / n).detach()
+    return y + torch.where(torch.isfinite(correction), correction, 0.0)
 
 
 def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
