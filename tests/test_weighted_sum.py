@@ -7,10 +7,16 @@ from the module's code paths. Tolerances are k * eps(dtype) * magnitude.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
+import itertools
 import math
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -570,6 +576,169 @@ def test_state_dict_round_trip_and_loading_into_an_unsized_module() -> None:
     assert torch.allclose(again.weights, baked["weights"])
 
 
+def _save_and_load(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """torch.save then torch.load(weights_only=True), as a checkpoint file would."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Tensor] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, Tensor)}
+
+
+def test_state_dict_records_names_and_k_as_metadata_not_entries() -> None:
+    module = sumto.WeightedSum(names=["a", "b", "c"], channels=2, bias=True)
+    state = module.state_dict()
+    # No entry of its own: only the parameters and the constraint's configuration.
+    assert sorted(state) == [
+        "bias",
+        "parametrizations.weights.0._extra_state",
+        "parametrizations.weights.original",
+    ]
+    loaded = _save_and_load(state)
+    metadata = loaded._metadata[""]  # type: ignore[attr-defined]
+    assert metadata["sumto_names"] == ["a", "b", "c"] and metadata["sumto_num_inputs"] == 3
+    nested = torch.nn.ModuleDict({"mix": sumto.WeightedSum(2)}).state_dict()
+    assert nested._metadata["mix"]["sumto_num_inputs"] == 2  # type: ignore[attr-defined]
+    assert "sumto_names" not in nested._metadata["mix"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+@pytest.mark.parametrize("baked", [False, True], ids=["constrained", "baked"])
+def test_loading_names_in_another_order_realigns_the_weights(
+    kind: str, method: str, baked: bool
+) -> None:
+    gen = torch.Generator().manual_seed(11)
+    names = ["rgb", "depth", "audio"]
+    source = sumto.WeightedSum(names=names, weights=kind, method=method, channels=2, bias=True)  # type: ignore[arg-type]
+    randomise(source, gen)
+    if baked:
+        sumto.bake(source)
+    state = _save_and_load(source.state_dict())
+    target = sumto.WeightedSum(
+        names=["audio", "rgb", "depth"],
+        weights=kind,  # type: ignore[arg-type]
+        method=method,
+        channels=2,
+        bias=True,
+    )
+    if baked:
+        sumto.bake(target)
+    target.load_state_dict(state)
+    for name in names:
+        assert torch.equal(
+            target.weights[target.names.index(name)],  # type: ignore[union-attr]
+            source.weights[names.index(name)],
+        )
+    xs = {n: torch.randn(4, 2, generator=gen) for n in names}
+    # Equal up to the order of the sum's terms.
+    assert_close(target(xs), source(xs), 10.0, torch.float32, 3)
+    subset = {"rgb": xs["rgb"], "audio": xs["audio"]}
+    assert_close(target(subset), source(subset), 10.0, torch.float32, 3)
+    assert torch.equal(state["bias"], target.bias)  # not indexed by input: untouched
+
+
+def test_loading_other_names_or_another_k_raises_and_changes_nothing() -> None:
+    source = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5], bias=True)
+    state = _save_and_load(source.state_dict())
+    other = sumto.WeightedSum(names=["a", "b", "d"], bias=True)
+    model = torch.nn.ModuleDict({"mix": other, "head": torch.nn.Linear(2, 2)})
+    before = _tensors(model)
+    full = OrderedDict({f"mix.{k}": v for k, v in state.items()})
+    full.update({f"head.{k}": torch.zeros_like(v) for k, v in model["head"].state_dict().items()})
+    full._metadata = OrderedDict(
+        {f"mix{'.' + k if k else ''}": v for k, v in state._metadata.items()}
+    )  # type: ignore[attr-defined]
+    with pytest.raises(
+        ValueError, match=r"names \['a', 'b', 'd'\].*got input names \['a', 'b', 'c'\]"
+    ):
+        model.load_state_dict(full)
+    after = _tensors(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    unnamed = sumto.WeightedSum(4, bias=True)
+    before = _tensors(unnamed)
+    with pytest.raises(ValueError, match=r"with K=4 inputs, got K=3 named \['a', 'b', 'c'\]"):
+        unnamed.load_state_dict(state)
+    after = _tensors(unnamed)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_checkpoint_without_names_metadata_loads_positionally() -> None:
+    source = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5])
+    plain = dict(source.state_dict())  # a dict without _metadata, as older checkpoints
+    target = sumto.WeightedSum(names=["c", "a", "b"])
+    target.load_state_dict(plain)
+    assert torch.allclose(target.weights, torch.tensor([0.2, 0.3, 0.5]))
+    # A lazy module still takes K from a checkpoint that has the metadata.
+    lazy = sumto.WeightedSum()
+    lazy.load_state_dict(_save_and_load(sumto.WeightedSum(3, init=[0.2, 0.3, 0.5]).state_dict()))
+    assert lazy.num_inputs == 3 and torch.allclose(lazy.weights, torch.tensor([0.2, 0.3, 0.5]))
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_baked_module_keeps_dict_subsets_and_masks(kind: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(12)
+    names = ["a", "b", "c", "d"]
+    init = [0.1, 0.2, 0.3, 0.4] if kind == "simplex" else [0.7, -0.4, 0.2, 0.5]
+    module = sumto.WeightedSum(names=names, weights=kind, method=method, init=init).double()  # type: ignore[arg-type]
+    baked = sumto.bake(copy.deepcopy(module))
+    xs = {n: torch.randn(3, 2, generator=gen, dtype=torch.float64) for n in names}
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False], [True] * 4])
+    subset = {"b": xs["b"], "d": xs["d"]}
+    # Every present weight is nonzero, where a baked sparsemax equals the constrained one.
+    assert_close(baked(subset), module(subset), 10.0, torch.float64, 4)
+    assert_close(baked(xs, mask=mask), module(xs, mask=mask), 10.0, torch.float64, 4)
+    assert_close(
+        baked({"a": xs["a"]}, mask=mask[0]), module({"a": xs["a"]}), 10.0, torch.float64, 1
+    )
+
+
+def test_lazy_first_call_from_many_threads_sizes_each_module_once() -> None:
+    n_threads, n_modules = 8, 50
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows up in most modules
+    failures: list[str] = []
+    try:
+        with ThreadPoolExecutor(n_threads) as pool:
+            for i in range(n_modules):
+                k = 2 + i % 4
+                module = sumto.WeightedSum(channels=2) if i % 2 else sumto.WeightedSum()
+                xs = [torch.full((3, 2), float(j)) for j in range(k)]
+                barrier = threading.Barrier(n_threads)
+
+                def call(
+                    _: int,
+                    module: sumto.WeightedSum = module,
+                    xs: list[Tensor] = xs,
+                    barrier: threading.Barrier = barrier,
+                ) -> Tensor:
+                    barrier.wait()
+                    out: Tensor = module(xs)
+                    return out
+
+                try:
+                    outs = list(pool.map(call, range(n_threads)))
+                except Exception as error:  # any failure is the finding
+                    failures.append(f"module {i}: {type(error).__name__}: {error}")
+                    continue
+                expected = torch.full((3, 2), (k - 1) / 2)  # uniform weights 1/k
+                ok = (
+                    module.num_inputs == k
+                    and len(list(module.parameters())) == 1
+                    and torch.allclose(module.weights, torch.full(module.weights.shape, 1.0 / k))
+                    and all(torch.allclose(out, expected) for out in outs)
+                )
+                if not ok:
+                    failures.append(f"module {i}: wrong weights or outputs")
+    finally:
+        sys.setswitchinterval(switch)
+    assert failures == []
+
+
 def test_compile_sizes_a_lazy_module() -> None:
     module = sumto.WeightedSum()
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
@@ -652,6 +821,22 @@ def test_call_errors_name_the_problem() -> None:
         row_mask_on_channels([torch.ones(3, 2)] * 2, mask=torch.ones(3, 2, dtype=torch.bool))
 
 
+def test_wrong_number_of_inputs_points_to_names_and_mask() -> None:
+    x = torch.ones(2, 3)
+    named = sumto.WeightedSum(names=["a", "b", "c"])
+    with pytest.raises(
+        ValueError,
+        match=r"expected 3 inputs, got 2; to leave inputs out, pass a dict with a subset of "
+        r"names \['a', 'b', 'c'\], or pass all 3 with mask=",
+    ):
+        named([x, x])
+    unnamed = sumto.WeightedSum(3)
+    with pytest.raises(ValueError, match=r"build WeightedSum\(names=\[\.\.\.\]\) and pass a dict"):
+        unnamed([x, x])
+    with pytest.raises(ValueError, match=r"shape \(3, \.\.\.\), got shape \(2, 2, 3\); .*mask="):
+        unnamed(torch.stack([x, x]))
+
+
 # ---------------------------------------------------------------------------
 # torch.compile, memory, training
 # ---------------------------------------------------------------------------
@@ -694,6 +879,34 @@ def test_compile_fullgraph_aot_eager_every_path() -> None:
     for module, call in cases:
         randomise(module, gen)
         _compiled_matches_eager(module, call, "aot_eager")
+
+
+def test_compile_inputs_present_in_varying_sets_through_a_mask_compile_once() -> None:
+    """The compile-friendly form of varying inputs (documented): all of them and a mask.
+
+    A dict subset is a different set of keys, on which dynamo guards: each new set
+    compiles again. A mask is data: 12 presence patterns run one graph.
+    """
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(18)
+    names = ["a", "b", "c", "d"]
+    module = sumto.WeightedSum(names=names, bias=True, method="sparsemax")
+    randomise(module, gen)
+    xs = {n: torch.randn(3, 5, generator=gen) for n in names}
+    frames = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    patterns = [p for p in itertools.product([False, True], repeat=4) if any(p)][:12]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for pattern in patterns:
+            out = compiled(xs, mask=torch.tensor(pattern))
+            subset = {n: x for n, x, keep in zip(names, xs.values(), pattern, strict=True) if keep}
+            assert_close(out, module(subset), 10.0, torch.float32, 4)
+    assert len(frames) == 1
 
 
 @pytest.mark.slow
