@@ -25,6 +25,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.parameter import UninitializedParameter
 
@@ -259,6 +260,189 @@ def test_gradcheck_masked_weights_each_kind(kind: str, method: str) -> None:
         )
 
     assert torch.autograd.gradcheck(fn, (pre, *xs))
+
+
+# ---------------------------------------------------------------------------
+# torch.func transforms, forward-mode AD and double backward (float64 references)
+# ---------------------------------------------------------------------------
+
+
+def _transform_case(
+    kind: str, method: str
+) -> tuple[Callable[..., Tensor], Callable[..., Tensor], tuple[Tensor, ...]]:
+    """(module as a pure function, the float64 reference formula, their arguments)."""
+    gen = torch.Generator().manual_seed(13)
+    module = make_module(kind, method, 3, channels=2, scale=True, bias=True).double()
+    randomise(module, gen)
+    assert module.scale is not None and module.bias is not None
+    args = (
+        pre_weights(module).detach().clone(),
+        module.scale.detach().clone(),
+        module.bias.detach().clone(),
+        torch.randn(3, 4, 2, generator=gen, dtype=torch.float64),  # stacked (K, B, C)
+    )
+
+    def fn(pre: Tensor, gamma: Tensor, bias: Tensor, xs: Tensor | list[Tensor]) -> Tensor:
+        params = {"parametrizations.weights.original": pre, "scale": gamma, "bias": bias}
+        return functional_call(module, params, (xs,))
+
+    def ref(pre: Tensor, gamma: Tensor, bias: Tensor, xs: Tensor | list[Tensor]) -> Tensor:
+        return ref_output(ref_weights(kind, method, pre), list(xs), 1, gamma, bias)
+
+    return fn, ref, args
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_torch_func_grad_and_jacrev_match_reference(kind: str, method: str) -> None:
+    fn, ref, args = _transform_case(kind, method)
+    argnums = (0, 1, 2, 3)
+    # Reference by classic autograd on the plain formula: Jacobian d out / d arg_i.
+    want = torch.autograd.functional.jacobian(ref, args)
+    got = torch.func.jacrev(fn, argnums=argnums)(*args)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 10.0, torch.float64, 8)
+    weight = torch.randn(4, 2, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    grads = torch.func.grad(lambda *a: (fn(*a) * weight).sum(), argnums)(*args)
+    for g, jac in zip(grads, want, strict=True):
+        expected = (jac * weight.reshape(4, 2, *([1] * (jac.ndim - 2)))).sum((0, 1))
+        assert_close(g, expected, 10.0, torch.float64, 8)
+
+
+# Forward mode through the constraints themselves (sumto.functional), not WeightedSum.
+_CONSTRAINT_FORWARD_MODE = {
+    "sparsemax": "Simplex(method='sparsemax') gives the forward-mode derivative I on the "
+    "support instead of I - 11^T/|S|",
+    "affine": "AffineSum's projection (an autograd.Function) has no jvp rule",
+}
+
+
+def _forward_mode_cases() -> list[Any]:
+    cases: list[Any] = [(kind, method, "inputs") for kind, method in KINDS]
+    for kind, method in KINDS:
+        reason = _CONSTRAINT_FORWARD_MODE.get(method if kind == "simplex" else kind)
+        marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
+        cases.append(pytest.param(kind, method, "all", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize(("kind", "method", "wrt"), _forward_mode_cases())
+# torch's own forward-AD decompositions script functions on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_jacfwd_jvp_and_forward_ad_match_reference(kind: str, method: str, wrt: str) -> None:
+    """Forward mode with respect to the inputs, scale and bias ("inputs": the pre-weights
+    are a constant) or also the pre-weights ("all"), by ``torch.func`` and by
+    ``torch.autograd.forward_ad``."""
+    fn, ref, args = _transform_case(kind, method)
+    want = torch.autograd.functional.jacobian(ref, args)
+    if wrt == "inputs":
+        pre, args = args[0], args[1:]
+        want = want[1:]
+
+        def call(*a: Tensor) -> Tensor:
+            return fn(pre, *a)
+
+    else:
+        call = fn
+    argnums = tuple(range(len(args)))
+    got = torch.func.jacfwd(call, argnums=argnums)(*args)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 10.0, torch.float64, 8)
+
+    gen = torch.Generator().manual_seed(17)
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=a.dtype) for a in args)
+    expected = sum(
+        (jac.reshape(4, 2, -1) * t.reshape(-1)).sum(-1)
+        for jac, t in zip(want, tangents, strict=True)
+    )
+    _, got_t = torch.func.jvp(call, args, tangents)
+    assert_close(got_t, expected, 10.0, torch.float64, 8)
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(a, t) for a, t in zip(args, tangents, strict=True)]
+        tangent = forward_ad.unpack_dual(call(*duals)).tangent
+    assert tangent is not None
+    assert_close(tangent, expected, 10.0, torch.float64, 8)
+
+
+def test_vmap_gives_per_sample_gradients_and_batches_any_subset_of_inputs() -> None:
+    fn, ref, (pre, gamma, bias, xs) = _transform_case("simplex", "softmax")
+    batch = torch.randn(
+        5, 3, 4, 2, generator=torch.Generator().manual_seed(15), dtype=torch.float64
+    )
+
+    def sample_loss(p: Tensor, x: Tensor) -> Tensor:
+        return fn(p, gamma, bias, x).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))(pre, batch)
+    for sample, g in zip(batch, got, strict=True):
+        p = pre.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(ref(p, gamma, bias, sample).square().sum(), p)
+        assert_close(g, expected, 10.0, torch.float64, 8)
+    # Only the second input batched, as a list.
+    out = torch.func.vmap(lambda x1: fn(pre, gamma, bias, [xs[0], x1, xs[2]]))(batch[:, 1])
+    for b in range(5):
+        expected = ref(pre, gamma, bias, [xs[0], batch[b, 1], xs[2]])
+        assert_close(out[b], expected, 10.0, torch.float64, 3)
+
+
+DOUBLE_BACKWARD_FORMS = [
+    ("list", None),  # one dot product per input
+    ("stacked", None),  # one matrix-vector product
+    ("list", 2),  # per-channel weights: products reduced over the batch
+    ("row_mask", 2),  # per-row renormalised weights
+    ("dict_subset", None),
+]
+
+
+@pytest.mark.parametrize(("form", "channels"), DOUBLE_BACKWARD_FORMS)
+def test_double_backward_matches_reference_and_gradgradcheck(
+    form: str, channels: int | None
+) -> None:
+    gen = torch.Generator().manual_seed(16)
+    names = ["a", "b", "c"]
+    module = sumto.WeightedSum(names=names, channels=channels, scale=True, bias=True).double()
+    randomise(module, gen)
+    assert module.scale is not None and module.bias is not None
+    shape = (3, 2) if channels else (3, 4)
+    n_inputs = 2 if form == "dict_subset" else 3  # a subset {"a", "c"}: two arguments
+    leaves = [
+        pre_weights(module).detach().clone(),
+        module.scale.detach().clone(),
+        module.bias.detach().clone(),
+        *(torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n_inputs)),
+    ]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    mask = torch.tensor([[True, False, True], [False, True, True], [True, True, True]])
+    present = [True, False, True] if form == "dict_subset" else [True] * 3
+
+    def fn(pre: Tensor, gamma: Tensor, bias: Tensor, *xs: Tensor) -> Tensor:
+        params = {"parametrizations.weights.original": pre, "scale": gamma, "bias": bias}
+        inputs: Any = {
+            "list": list(xs),
+            "stacked": torch.stack(xs) if form == "stacked" else None,
+            "row_mask": list(xs),
+            "dict_subset": {"a": xs[0], "c": xs[-1]},
+        }[form]
+        kwargs = {"mask": mask} if form == "row_mask" else {}
+        return functional_call(module, params, (inputs,), kwargs)
+
+    def ref(pre: Tensor, gamma: Tensor, bias: Tensor, *xs: Tensor) -> Tensor:
+        if form == "dict_subset":  # the absent input has weight 0
+            xs = (xs[0], torch.zeros_like(xs[0]), xs[1])
+        rows = mask.tolist() if form == "row_mask" else [present]
+        w = torch.stack([ref_present_weights("simplex", "softmax", pre, row) for row in rows])
+        return ref_output(
+            w if form == "row_mask" else w[0], xs, 1 if channels else None, gamma, bias
+        )
+
+    def second_order(f: Callable[..., Tensor]) -> list[Tensor]:
+        out = f(*leaves)
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        total = sum((g * torch.cos(g)).sum() for g in grads)
+        return list(torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True))
+
+    for got, want in zip(second_order(fn), second_order(ref), strict=True):
+        assert_close(got, want, 100.0, torch.float64, 64)
+    assert torch.autograd.gradgradcheck(fn, tuple(leaves))
 
 
 # ---------------------------------------------------------------------------

@@ -50,13 +50,16 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     each column summing to 1, broadcast along ``channel_dim`` of the inputs.
     Batched: the inputs may have any shape, shared by all K of them.
 
-    The sum runs through a custom autograd function that reads each input once and
-    allocates only the output (no ``torch.stack``); its backward allocates only the
-    gradients it returns (plus one input-sized scratch buffer when the weights vary
-    per channel or per row). The sum never synchronises with the device, so the module
-    runs under ``torch.compile(fullgraph=True)``; the one host read is the eager-mode
-    check of a ``mask`` (see :meth:`forward`). float16/bfloat16 inputs are accumulated
-    in float32 (one float32 buffer of the output's size) and returned in their dtype.
+    In eager mode the sum runs through a custom autograd function that reads each
+    input once and allocates only the output (no ``torch.stack``); its backward
+    allocates only the gradients it returns (plus one input-sized scratch buffer when
+    the weights vary per channel or per row) and is itself differentiable (double
+    backward). Under ``torch.compile`` and ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``) and forward-mode AD the same sum runs as
+    plain ops. The sum never synchronises with the device, so the module runs under
+    ``torch.compile(fullgraph=True)``; the one host read is the eager-mode check of a
+    ``mask`` (see :meth:`forward`). float16/bfloat16 inputs are accumulated in float32
+    (one float32 buffer of the output's size) and returned in their dtype.
 
     Missing inputs (a ``dict`` with a subset of ``names``, or ``mask``) get weight 0
     and the present weights are renormalised per row: simplex weights are rescaled to
