@@ -240,7 +240,9 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         with _LAZY_INIT_LOCK:
             if not hasattr(module, "_initialize_hook"):
                 return
-            super()._infer_parameters(module, args, kwargs)  # type: ignore[misc]
+            # kwargs only from the torch versions that register the hook with_kwargs.
+            extra = () if kwargs is None else (kwargs,)
+            super()._infer_parameters(module, args, *extra)  # type: ignore[misc]
 
     def _lazy_load_hook(
         self,
