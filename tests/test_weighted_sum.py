@@ -7,10 +7,16 @@ from the module's code paths. Tolerances are k * eps(dtype) * magnitude.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
+import itertools
 import math
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.parameter import UninitializedParameter
 
@@ -253,6 +260,189 @@ def test_gradcheck_masked_weights_each_kind(kind: str, method: str) -> None:
         )
 
     assert torch.autograd.gradcheck(fn, (pre, *xs))
+
+
+# ---------------------------------------------------------------------------
+# torch.func transforms, forward-mode AD and double backward (float64 references)
+# ---------------------------------------------------------------------------
+
+
+def _transform_case(
+    kind: str, method: str
+) -> tuple[Callable[..., Tensor], Callable[..., Tensor], tuple[Tensor, ...]]:
+    """(module as a pure function, the float64 reference formula, their arguments)."""
+    gen = torch.Generator().manual_seed(13)
+    module = make_module(kind, method, 3, channels=2, scale=True, bias=True).double()
+    randomise(module, gen)
+    assert module.scale is not None and module.bias is not None
+    args = (
+        pre_weights(module).detach().clone(),
+        module.scale.detach().clone(),
+        module.bias.detach().clone(),
+        torch.randn(3, 4, 2, generator=gen, dtype=torch.float64),  # stacked (K, B, C)
+    )
+
+    def fn(pre: Tensor, gamma: Tensor, bias: Tensor, xs: Tensor | list[Tensor]) -> Tensor:
+        params = {"parametrizations.weights.original": pre, "scale": gamma, "bias": bias}
+        return functional_call(module, params, (xs,))
+
+    def ref(pre: Tensor, gamma: Tensor, bias: Tensor, xs: Tensor | list[Tensor]) -> Tensor:
+        return ref_output(ref_weights(kind, method, pre), list(xs), 1, gamma, bias)
+
+    return fn, ref, args
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_torch_func_grad_and_jacrev_match_reference(kind: str, method: str) -> None:
+    fn, ref, args = _transform_case(kind, method)
+    argnums = (0, 1, 2, 3)
+    # Reference by classic autograd on the plain formula: Jacobian d out / d arg_i.
+    want = torch.autograd.functional.jacobian(ref, args)
+    got = torch.func.jacrev(fn, argnums=argnums)(*args)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 10.0, torch.float64, 8)
+    weight = torch.randn(4, 2, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    grads = torch.func.grad(lambda *a: (fn(*a) * weight).sum(), argnums)(*args)
+    for g, jac in zip(grads, want, strict=True):
+        expected = (jac * weight.reshape(4, 2, *([1] * (jac.ndim - 2)))).sum((0, 1))
+        assert_close(g, expected, 10.0, torch.float64, 8)
+
+
+# Forward mode through the constraints themselves (sumto.functional), not WeightedSum.
+_CONSTRAINT_FORWARD_MODE = {
+    "sparsemax": "Simplex(method='sparsemax') gives the forward-mode derivative I on the "
+    "support instead of I - 11^T/|S|",
+    "affine": "AffineSum's projection (an autograd.Function) has no jvp rule",
+}
+
+
+def _forward_mode_cases() -> list[Any]:
+    cases: list[Any] = [(kind, method, "inputs") for kind, method in KINDS]
+    for kind, method in KINDS:
+        reason = _CONSTRAINT_FORWARD_MODE.get(method if kind == "simplex" else kind)
+        marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
+        cases.append(pytest.param(kind, method, "all", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize(("kind", "method", "wrt"), _forward_mode_cases())
+# torch's own forward-AD decompositions script functions on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_jacfwd_jvp_and_forward_ad_match_reference(kind: str, method: str, wrt: str) -> None:
+    """Forward mode with respect to the inputs, scale and bias ("inputs": the pre-weights
+    are a constant) or also the pre-weights ("all"), by ``torch.func`` and by
+    ``torch.autograd.forward_ad``."""
+    fn, ref, args = _transform_case(kind, method)
+    want = torch.autograd.functional.jacobian(ref, args)
+    if wrt == "inputs":
+        pre, args = args[0], args[1:]
+        want = want[1:]
+
+        def call(*a: Tensor) -> Tensor:
+            return fn(pre, *a)
+
+    else:
+        call = fn
+    argnums = tuple(range(len(args)))
+    got = torch.func.jacfwd(call, argnums=argnums)(*args)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 10.0, torch.float64, 8)
+
+    gen = torch.Generator().manual_seed(17)
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=a.dtype) for a in args)
+    expected = sum(
+        (jac.reshape(4, 2, -1) * t.reshape(-1)).sum(-1)
+        for jac, t in zip(want, tangents, strict=True)
+    )
+    _, got_t = torch.func.jvp(call, args, tangents)
+    assert_close(got_t, expected, 10.0, torch.float64, 8)
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(a, t) for a, t in zip(args, tangents, strict=True)]
+        tangent = forward_ad.unpack_dual(call(*duals)).tangent
+    assert tangent is not None
+    assert_close(tangent, expected, 10.0, torch.float64, 8)
+
+
+def test_vmap_gives_per_sample_gradients_and_batches_any_subset_of_inputs() -> None:
+    fn, ref, (pre, gamma, bias, xs) = _transform_case("simplex", "softmax")
+    batch = torch.randn(
+        5, 3, 4, 2, generator=torch.Generator().manual_seed(15), dtype=torch.float64
+    )
+
+    def sample_loss(p: Tensor, x: Tensor) -> Tensor:
+        return fn(p, gamma, bias, x).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))(pre, batch)
+    for sample, g in zip(batch, got, strict=True):
+        p = pre.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(ref(p, gamma, bias, sample).square().sum(), p)
+        assert_close(g, expected, 10.0, torch.float64, 8)
+    # Only the second input batched, as a list.
+    out = torch.func.vmap(lambda x1: fn(pre, gamma, bias, [xs[0], x1, xs[2]]))(batch[:, 1])
+    for b in range(5):
+        expected = ref(pre, gamma, bias, [xs[0], batch[b, 1], xs[2]])
+        assert_close(out[b], expected, 10.0, torch.float64, 3)
+
+
+DOUBLE_BACKWARD_FORMS = [
+    ("list", None),  # one dot product per input
+    ("stacked", None),  # one matrix-vector product
+    ("list", 2),  # per-channel weights: products reduced over the batch
+    ("row_mask", 2),  # per-row renormalised weights
+    ("dict_subset", None),
+]
+
+
+@pytest.mark.parametrize(("form", "channels"), DOUBLE_BACKWARD_FORMS)
+def test_double_backward_matches_reference_and_gradgradcheck(
+    form: str, channels: int | None
+) -> None:
+    gen = torch.Generator().manual_seed(16)
+    names = ["a", "b", "c"]
+    module = sumto.WeightedSum(names=names, channels=channels, scale=True, bias=True).double()
+    randomise(module, gen)
+    assert module.scale is not None and module.bias is not None
+    shape = (3, 2) if channels else (3, 4)
+    n_inputs = 2 if form == "dict_subset" else 3  # a subset {"a", "c"}: two arguments
+    leaves = [
+        pre_weights(module).detach().clone(),
+        module.scale.detach().clone(),
+        module.bias.detach().clone(),
+        *(torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n_inputs)),
+    ]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    mask = torch.tensor([[True, False, True], [False, True, True], [True, True, True]])
+    present = [True, False, True] if form == "dict_subset" else [True] * 3
+
+    def fn(pre: Tensor, gamma: Tensor, bias: Tensor, *xs: Tensor) -> Tensor:
+        params = {"parametrizations.weights.original": pre, "scale": gamma, "bias": bias}
+        inputs: Any = {
+            "list": list(xs),
+            "stacked": torch.stack(xs) if form == "stacked" else None,
+            "row_mask": list(xs),
+            "dict_subset": {"a": xs[0], "c": xs[-1]},
+        }[form]
+        kwargs = {"mask": mask} if form == "row_mask" else {}
+        return functional_call(module, params, (inputs,), kwargs)
+
+    def ref(pre: Tensor, gamma: Tensor, bias: Tensor, *xs: Tensor) -> Tensor:
+        if form == "dict_subset":  # the absent input has weight 0
+            xs = (xs[0], torch.zeros_like(xs[0]), xs[1])
+        rows = mask.tolist() if form == "row_mask" else [present]
+        w = torch.stack([ref_present_weights("simplex", "softmax", pre, row) for row in rows])
+        return ref_output(
+            w if form == "row_mask" else w[0], xs, 1 if channels else None, gamma, bias
+        )
+
+    def second_order(f: Callable[..., Tensor]) -> list[Tensor]:
+        out = f(*leaves)
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        total = sum((g * torch.cos(g)).sum() for g in grads)
+        return list(torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True))
+
+    for got, want in zip(second_order(fn), second_order(ref), strict=True):
+        assert_close(got, want, 100.0, torch.float64, 64)
+    assert torch.autograd.gradgradcheck(fn, tuple(leaves))
 
 
 # ---------------------------------------------------------------------------
@@ -570,6 +760,169 @@ def test_state_dict_round_trip_and_loading_into_an_unsized_module() -> None:
     assert torch.allclose(again.weights, baked["weights"])
 
 
+def _save_and_load(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """torch.save then torch.load(weights_only=True), as a checkpoint file would."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Tensor] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, Tensor)}
+
+
+def test_state_dict_records_names_and_k_as_metadata_not_entries() -> None:
+    module = sumto.WeightedSum(names=["a", "b", "c"], channels=2, bias=True)
+    state = module.state_dict()
+    # No entry of its own: only the parameters and the constraint's configuration.
+    assert sorted(state) == [
+        "bias",
+        "parametrizations.weights.0._extra_state",
+        "parametrizations.weights.original",
+    ]
+    loaded = _save_and_load(state)
+    metadata = loaded._metadata[""]  # type: ignore[attr-defined]
+    assert metadata["sumto_names"] == ["a", "b", "c"] and metadata["sumto_num_inputs"] == 3
+    nested = torch.nn.ModuleDict({"mix": sumto.WeightedSum(2)}).state_dict()
+    assert nested._metadata["mix"]["sumto_num_inputs"] == 2  # type: ignore[attr-defined]
+    assert "sumto_names" not in nested._metadata["mix"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+@pytest.mark.parametrize("baked", [False, True], ids=["constrained", "baked"])
+def test_loading_names_in_another_order_realigns_the_weights(
+    kind: str, method: str, baked: bool
+) -> None:
+    gen = torch.Generator().manual_seed(11)
+    names = ["rgb", "depth", "audio"]
+    source = sumto.WeightedSum(names=names, weights=kind, method=method, channels=2, bias=True)  # type: ignore[arg-type]
+    randomise(source, gen)
+    if baked:
+        sumto.bake(source)
+    state = _save_and_load(source.state_dict())
+    target = sumto.WeightedSum(
+        names=["audio", "rgb", "depth"],
+        weights=kind,  # type: ignore[arg-type]
+        method=method,
+        channels=2,
+        bias=True,
+    )
+    if baked:
+        sumto.bake(target)
+    target.load_state_dict(state)
+    for name in names:
+        assert torch.equal(
+            target.weights[target.names.index(name)],  # type: ignore[union-attr]
+            source.weights[names.index(name)],
+        )
+    xs = {n: torch.randn(4, 2, generator=gen) for n in names}
+    # Equal up to the order of the sum's terms.
+    assert_close(target(xs), source(xs), 10.0, torch.float32, 3)
+    subset = {"rgb": xs["rgb"], "audio": xs["audio"]}
+    assert_close(target(subset), source(subset), 10.0, torch.float32, 3)
+    assert torch.equal(state["bias"], target.bias)  # not indexed by input: untouched
+
+
+def test_loading_other_names_or_another_k_raises_and_changes_nothing() -> None:
+    source = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5], bias=True)
+    state = _save_and_load(source.state_dict())
+    other = sumto.WeightedSum(names=["a", "b", "d"], bias=True)
+    model = torch.nn.ModuleDict({"mix": other, "head": torch.nn.Linear(2, 2)})
+    before = _tensors(model)
+    full = OrderedDict({f"mix.{k}": v for k, v in state.items()})
+    full.update({f"head.{k}": torch.zeros_like(v) for k, v in model["head"].state_dict().items()})
+    full._metadata = OrderedDict(
+        {f"mix{'.' + k if k else ''}": v for k, v in state._metadata.items()}
+    )  # type: ignore[attr-defined]
+    with pytest.raises(
+        ValueError, match=r"names \['a', 'b', 'd'\].*got input names \['a', 'b', 'c'\]"
+    ):
+        model.load_state_dict(full)
+    after = _tensors(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    unnamed = sumto.WeightedSum(4, bias=True)
+    before = _tensors(unnamed)
+    with pytest.raises(ValueError, match=r"with K=4 inputs, got K=3 named \['a', 'b', 'c'\]"):
+        unnamed.load_state_dict(state)
+    after = _tensors(unnamed)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_checkpoint_without_names_metadata_loads_positionally() -> None:
+    source = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5])
+    plain = dict(source.state_dict())  # a dict without _metadata, as older checkpoints
+    target = sumto.WeightedSum(names=["c", "a", "b"])
+    target.load_state_dict(plain)
+    assert torch.allclose(target.weights, torch.tensor([0.2, 0.3, 0.5]))
+    # A lazy module still takes K from a checkpoint that has the metadata.
+    lazy = sumto.WeightedSum()
+    lazy.load_state_dict(_save_and_load(sumto.WeightedSum(3, init=[0.2, 0.3, 0.5]).state_dict()))
+    assert lazy.num_inputs == 3 and torch.allclose(lazy.weights, torch.tensor([0.2, 0.3, 0.5]))
+
+
+@pytest.mark.parametrize(("kind", "method"), KINDS)
+def test_baked_module_keeps_dict_subsets_and_masks(kind: str, method: str) -> None:
+    gen = torch.Generator().manual_seed(12)
+    names = ["a", "b", "c", "d"]
+    init = [0.1, 0.2, 0.3, 0.4] if kind == "simplex" else [0.7, -0.4, 0.2, 0.5]
+    module = sumto.WeightedSum(names=names, weights=kind, method=method, init=init).double()  # type: ignore[arg-type]
+    baked = sumto.bake(copy.deepcopy(module))
+    xs = {n: torch.randn(3, 2, generator=gen, dtype=torch.float64) for n in names}
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False], [True] * 4])
+    subset = {"b": xs["b"], "d": xs["d"]}
+    # Every present weight is nonzero, where a baked sparsemax equals the constrained one.
+    assert_close(baked(subset), module(subset), 10.0, torch.float64, 4)
+    assert_close(baked(xs, mask=mask), module(xs, mask=mask), 10.0, torch.float64, 4)
+    assert_close(
+        baked({"a": xs["a"]}, mask=mask[0]), module({"a": xs["a"]}), 10.0, torch.float64, 1
+    )
+
+
+def test_lazy_first_call_from_many_threads_sizes_each_module_once() -> None:
+    n_threads, n_modules = 8, 50
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows up in most modules
+    failures: list[str] = []
+    try:
+        with ThreadPoolExecutor(n_threads) as pool:
+            for i in range(n_modules):
+                k = 2 + i % 4
+                module = sumto.WeightedSum(channels=2) if i % 2 else sumto.WeightedSum()
+                xs = [torch.full((3, 2), float(j)) for j in range(k)]
+                barrier = threading.Barrier(n_threads)
+
+                def call(
+                    _: int,
+                    module: sumto.WeightedSum = module,
+                    xs: list[Tensor] = xs,
+                    barrier: threading.Barrier = barrier,
+                ) -> Tensor:
+                    barrier.wait()
+                    out: Tensor = module(xs)
+                    return out
+
+                try:
+                    outs = list(pool.map(call, range(n_threads)))
+                except Exception as error:  # any failure is the finding
+                    failures.append(f"module {i}: {type(error).__name__}: {error}")
+                    continue
+                expected = torch.full((3, 2), (k - 1) / 2)  # uniform weights 1/k
+                ok = (
+                    module.num_inputs == k
+                    and len(list(module.parameters())) == 1
+                    and torch.allclose(module.weights, torch.full(module.weights.shape, 1.0 / k))
+                    and all(torch.allclose(out, expected) for out in outs)
+                )
+                if not ok:
+                    failures.append(f"module {i}: wrong weights or outputs")
+    finally:
+        sys.setswitchinterval(switch)
+    assert failures == []
+
+
 def test_compile_sizes_a_lazy_module() -> None:
     module = sumto.WeightedSum()
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
@@ -652,6 +1005,22 @@ def test_call_errors_name_the_problem() -> None:
         row_mask_on_channels([torch.ones(3, 2)] * 2, mask=torch.ones(3, 2, dtype=torch.bool))
 
 
+def test_wrong_number_of_inputs_points_to_names_and_mask() -> None:
+    x = torch.ones(2, 3)
+    named = sumto.WeightedSum(names=["a", "b", "c"])
+    with pytest.raises(
+        ValueError,
+        match=r"expected 3 inputs, got 2; to leave inputs out, pass a dict with a subset of "
+        r"names \['a', 'b', 'c'\], or pass all 3 with mask=",
+    ):
+        named([x, x])
+    unnamed = sumto.WeightedSum(3)
+    with pytest.raises(ValueError, match=r"build WeightedSum\(names=\[\.\.\.\]\) and pass a dict"):
+        unnamed([x, x])
+    with pytest.raises(ValueError, match=r"shape \(3, \.\.\.\), got shape \(2, 2, 3\); .*mask="):
+        unnamed(torch.stack([x, x]))
+
+
 # ---------------------------------------------------------------------------
 # torch.compile, memory, training
 # ---------------------------------------------------------------------------
@@ -694,6 +1063,34 @@ def test_compile_fullgraph_aot_eager_every_path() -> None:
     for module, call in cases:
         randomise(module, gen)
         _compiled_matches_eager(module, call, "aot_eager")
+
+
+def test_compile_inputs_present_in_varying_sets_through_a_mask_compile_once() -> None:
+    """The compile-friendly form of varying inputs (documented): all of them and a mask.
+
+    A dict subset is a different set of keys, on which dynamo guards: each new set
+    compiles again. A mask is data: 12 presence patterns run one graph.
+    """
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(18)
+    names = ["a", "b", "c", "d"]
+    module = sumto.WeightedSum(names=names, bias=True, method="sparsemax")
+    randomise(module, gen)
+    xs = {n: torch.randn(3, 5, generator=gen) for n in names}
+    frames = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    patterns = [p for p in itertools.product([False, True], repeat=4) if any(p)][:12]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for pattern in patterns:
+            out = compiled(xs, mask=torch.tensor(pattern))
+            subset = {n: x for n, x, keep in zip(names, xs.values(), pattern, strict=True) if keep}
+            assert_close(out, module(subset), 10.0, torch.float32, 4)
+    assert len(frames) == 1
 
 
 @pytest.mark.slow

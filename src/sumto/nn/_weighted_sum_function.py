@@ -1,8 +1,16 @@
-"""Fused autograd path of :class:`sumto.WeightedSum`: ``bias + sum_k c_k * x_k``.
+"""The sum of :class:`sumto.WeightedSum`: ``bias + sum_k c_k * x_k``, two paths.
 
-The forward reads every input once and allocates only the output; the backward
-allocates only the gradients it returns. No op synchronises with the device, so the
-path traces as one graph under ``torch.compile(fullgraph=True)``.
+* Eager autograd: a fused autograd function whose forward reads every input once and
+  allocates only the output, and whose backward allocates only the gradients it
+  returns (the weights' gradient is one dot product per input, not an input-sized
+  product then a sum). Its backward is itself differentiable (double backward,
+  ``gradgradcheck``) when the graph of the gradient is recorded (``create_graph=True``).
+* Plain ops, the same formula as out-of-place ``addcmul``: used under
+  ``torch.compile`` (the compiler fuses it) and under ``torch.func`` transforms or
+  forward-mode AD, which an autograd function without ``setup_context``, ``vmap`` and
+  ``jvp`` rules cannot enter.
+
+Neither path synchronises with the device.
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
+from sumto._compat import is_compiling
 from sumto.functional import _compute_dtype
 
 __all__: list[str] = []
@@ -37,6 +46,29 @@ def _reduce_to(product: Tensor, target_shape: Sequence[int], dtype: torch.dtype)
     return product.sum(dims, keepdim=len(target_shape) > 0, dtype=dtype).reshape(target_shape)
 
 
+def _accumulate(
+    coefficients: Tensor, xs: Sequence[Tensor], bias: Tensor | None, in_place: bool
+) -> Tensor:
+    """``bias + sum_k coefficients[k] * xs[k]`` in the inputs' dtype.
+
+    Half inputs accumulate in float32 (one float32 buffer of the output's size).
+    ``in_place`` accumulates into the first product (the fused forward, which autograd
+    does not record); otherwise every step is out of place, as transforms need.
+    """
+    x0 = xs[0]
+    acc_dtype = _compute_dtype(x0.dtype)
+    coeff = coefficients.to(acc_dtype)
+    if acc_dtype != x0.dtype and coeff.ndim == 1:
+        # A 0-d float32 factor would not promote a bfloat16 product to float32.
+        coeff = coeff.reshape(coeff.shape[0], *([1] * x0.ndim))
+    cs = coeff.unbind(0)
+    first = cs[0]
+    acc = torch.mul(x0, first) if bias is None else torch.addcmul(bias.to(acc_dtype), x0, first)
+    for x, c in zip(xs[1:], cs[1:], strict=True):
+        acc = acc.addcmul_(x, c) if in_place else torch.addcmul(acc, x, c)
+    return acc if acc.dtype == x0.dtype else acc.to(x0.dtype)
+
+
 class _WeightedSumFunction(torch.autograd.Function):
     """``out = bias + sum_k coefficients[k] * inputs[k]`` with a hand-written backward.
 
@@ -55,18 +87,7 @@ class _WeightedSumFunction(torch.autograd.Function):
         *inputs: Tensor,
     ) -> Tensor:
         xs: Sequence[Tensor] = inputs[0].unbind(0) if stacked else inputs
-        x0 = xs[0]
-        acc_dtype = _compute_dtype(x0.dtype)  # half inputs accumulate in float32
-        coeff = coefficients.to(acc_dtype)
-        if acc_dtype != x0.dtype and coeff.ndim == 1:
-            # A 0-d float32 factor would not promote a bfloat16 product to float32.
-            coeff = coeff.reshape(coeff.shape[0], *([1] * x0.ndim))
-        cs = coeff.unbind(0)
-        first = cs[0]
-        acc = torch.mul(x0, first) if bias is None else torch.addcmul(bias.to(acc_dtype), x0, first)
-        for x, c in zip(xs[1:], cs[1:], strict=True):
-            acc.addcmul_(x, c)
-        out = acc if acc.dtype == x0.dtype else acc.to(x0.dtype)
+        out = _accumulate(coefficients, xs, bias, in_place=True)
 
         ctx.stacked = stacked
         ctx.coefficient_shape = tuple(coefficients.shape)
@@ -84,8 +105,9 @@ class _WeightedSumFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # Grad mode is on here only under create_graph=True: every op below is then
+        # recorded (no out= buffer), so the gradient is differentiable again.
         coefficients, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
         acc_dtype = _compute_dtype(grad.dtype)
@@ -137,6 +159,8 @@ def _coefficient_grad(
         flat = grad.reshape(-1)
         dots = [torch.dot(flat, x.reshape(-1)) for x in xs]
         return torch.stack(dots).reshape(k, *w_shape)
+    if torch.is_grad_enabled():  # create_graph=True: out-of-place, recorded products
+        return torch.stack([_reduce_to(grad * x.to(acc_dtype), w_shape, acc_dtype) for x in xs])
     # General case: one scratch product reused for every input, then reduced.
     scratch = torch.empty(grad.shape, dtype=acc_dtype, device=grad.device)
     parts = []
@@ -149,20 +173,28 @@ def _coefficient_grad(
     return torch.stack(parts)
 
 
+def _plain_ops_needed() -> bool:
+    """Whether the sum must be plain ops: compiling, a ``torch.func`` transform or forward AD."""
+    return (
+        is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        # Inside ``forward_ad.dual_level()`` (public API, private level counter).
+        or forward_ad._current_level >= 0
+    )
+
+
 def weighted_sum(
     coefficients: Tensor, inputs: Sequence[Tensor] | Tensor, bias: Tensor | None = None
 ) -> Tensor:
-    """``bias + sum_k coefficients[k] * inputs[k]`` through the fused autograd path.
+    """``bias + sum_k coefficients[k] * inputs[k]``: fused in eager autograd, else plain ops.
 
     No validation: callers (``WeightedSum.forward``) check shapes and dtypes.
     """
+    if _plain_ops_needed():
+        xs: Sequence[Tensor] = inputs.unbind(0) if isinstance(inputs, Tensor) else inputs
+        return _accumulate(coefficients, xs, bias, in_place=False)
     if isinstance(inputs, Tensor):
         result: Tensor = _WeightedSumFunction.apply(coefficients, bias, True, inputs)  # type: ignore[no-untyped-call]
     else:
-        # torch.compile refuses one tensor passed twice to autograd.Function.apply
-        # ("duplicate tensor input"): repeats go in as views (free, same gradient).
-        distinct: list[Tensor] = []
-        for x in inputs:
-            distinct.append(x.view_as(x) if any(x is y for y in distinct) else x)
-        result = _WeightedSumFunction.apply(coefficients, bias, False, *distinct)  # type: ignore[no-untyped-call]
+        result = _WeightedSumFunction.apply(coefficients, bias, False, *inputs)  # type: ignore[no-untyped-call]
     return result

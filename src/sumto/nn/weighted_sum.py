@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
+from torch.nn.utils import parametrize
 
 from sumto import functional as F
 from sumto._compat import is_compiling
@@ -23,6 +25,13 @@ WeightKind = Literal["simplex", "affine"]
 Inputs = Sequence[Tensor] | Tensor | Mapping[str, Tensor]
 _WEIGHT_KINDS = ("simplex", "affine")
 _ORIGINAL = "parametrizations.weights.original"
+# Keys of the module's entry in ``state_dict()._metadata``: plain str/int values, so
+# they survive torch.save and torch.load(weights_only=True) and stay out of values().
+_NAMES_KEY = "sumto_names"
+_COUNT_KEY = "sumto_num_inputs"
+# Serialises the lazy sizing of every WeightedSum: several threads may make a lazy
+# module's first call at once, and sizing registers a parametrization (not atomic).
+_LAZY_INIT_LOCK = threading.Lock()
 
 
 class WeightedSum(LazyModuleMixin, nn.Module):
@@ -41,13 +50,16 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     each column summing to 1, broadcast along ``channel_dim`` of the inputs.
     Batched: the inputs may have any shape, shared by all K of them.
 
-    The sum runs through a custom autograd function that reads each input once and
-    allocates only the output (no ``torch.stack``); its backward allocates only the
-    gradients it returns (plus one input-sized scratch buffer when the weights vary
-    per channel or per row). The sum never synchronises with the device, so the module
-    runs under ``torch.compile(fullgraph=True)``; the one host read is the eager-mode
-    check of a ``mask`` (see :meth:`forward`). float16/bfloat16 inputs are accumulated
-    in float32 (one float32 buffer of the output's size) and returned in their dtype.
+    In eager mode the sum runs through a custom autograd function that reads each
+    input once and allocates only the output (no ``torch.stack``); its backward
+    allocates only the gradients it returns (plus one input-sized scratch buffer when
+    the weights vary per channel or per row) and is itself differentiable (double
+    backward). Under ``torch.compile`` and ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``) and forward-mode AD the same sum runs as
+    plain ops. The sum never synchronises with the device, so the module runs under
+    ``torch.compile(fullgraph=True)``; the one host read is the eager-mode check of a
+    ``mask`` (see :meth:`forward`). float16/bfloat16 inputs are accumulated in float32
+    (one float32 buffer of the output's size) and returned in their dtype.
 
     Missing inputs (a ``dict`` with a subset of ``names``, or ``mask``) get weight 0
     and the present weights are renormalised per row: simplex weights are rescaled to
@@ -56,13 +68,28 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     pre-weights are projected onto the simplex, a masked sparsemax); affine weights
     are shifted by spreading the deficit :math:`1 - \sum_{k \in P} w_k` equally over
     the present set :math:`P`. Masked inputs are still read (multiplied by 0), so they
-    must be finite; a ``dict`` subset reads only the inputs it holds.
+    must be finite; a ``dict`` subset reads only the inputs it holds. Under
+    ``torch.compile`` each distinct set of dict keys is compiled once (dynamo guards on
+    the keys of a dict argument; the default limit is 8 recompilations): with inputs
+    that vary from call to call, pass all of them with a ``mask``, which compiles once.
+    After :func:`sumto.bake` the pre-weights are gone and subsets renormalise the baked
+    weights: the same result for ``"softmax"`` (up to rounding), ``"relu"`` and
+    ``"affine"``; for ``"sparsemax"`` the present baked weights are projected onto the
+    simplex, the same result when every present input has a nonzero weight.
 
     Lazy sizing: with neither ``num_inputs``, ``names`` nor ``init``, K is taken from
     the first call, following :class:`torch.nn.modules.lazy.LazyModuleMixin`: the
     weights are an ``UninitializedParameter`` until then, so create the optimizer
     *after* the first call (or a dry run). A later call with another K raises
-    ValueError. A state_dict of a sized module loads into an unsized one.
+    ValueError. A state_dict of a sized module loads into an unsized one. The first
+    call may come from several threads at once: one sizes the module, the others wait.
+
+    Checkpoints: ``state_dict()`` records K and ``names`` in its ``_metadata`` (plain
+    strings and ints, kept by ``torch.save`` and ``torch.load(weights_only=True)``; no
+    extra state_dict entry). Loading a checkpoint whose names are in another order
+    puts its weights in this module's order; other names or another K raise
+    ValueError before any tensor of this module changes. A checkpoint without this
+    metadata loads positionally.
 
     Args:
         num_inputs: K, the number of inputs; ``None`` to take it from ``names``,
@@ -141,6 +168,7 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         self.num_inputs: int | None = _resolve_count(num_inputs, self.names, init_value)
 
         _install_load_hook(self)  # before any load: hooks cannot be added during one
+        self._register_state_dict_hook(_save_names_hook)  # type: ignore[no-untyped-call]
         if self.num_inputs is None:
             self.weights = UninitializedParameter()
         else:
@@ -201,6 +229,21 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         with torch.no_grad():
             self._create_weights(k, None)
 
+    def _infer_parameters(
+        self, module: nn.Module, args: Any, kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """LazyModuleMixin's forward pre-hook, run once by one thread at a time.
+
+        A thread that waited while another sized the module finds the hook removed
+        and returns; the module it then runs is fully sized.
+        """
+        with _LAZY_INIT_LOCK:
+            if not hasattr(module, "_initialize_hook"):
+                return
+            # kwargs only from the torch versions that register the hook with_kwargs.
+            extra = () if kwargs is None else (kwargs,)
+            super()._infer_parameters(module, args, *extra)  # type: ignore[misc]
+
     def _lazy_load_hook(
         self,
         state_dict: dict[str, Any],
@@ -220,6 +263,26 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                 with torch.no_grad():
                     self._create_weights(value.shape[0], None)
                 return
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Check the checkpoint's names and K, realign its weights, then load.
+
+        Runs before this module's hooks and tensors (and its parametrization, a
+        child): a refused checkpoint changes none of them.
+        """
+        _align_checkpoint(self, state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # -- forward ----------------------------------------------------------------
     def forward(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
@@ -280,12 +343,15 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                 present = None
         elif isinstance(inputs, (list, tuple)):
             if len(inputs) != k:
-                raise ValueError(f"expected {k} inputs, got {len(inputs)}")
+                raise ValueError(
+                    f"expected {k} inputs, got {len(inputs)}; {_leave_out_hint(k, self.names)}"
+                )
             tensors = inputs
         elif isinstance(inputs, Tensor):
             if inputs.ndim == 0 or inputs.shape[0] != k:
                 raise ValueError(
-                    f"expected a stacked tensor of shape ({k}, ...), got shape {tuple(inputs.shape)}"
+                    f"expected a stacked tensor of shape ({k}, ...), got shape "
+                    f"{tuple(inputs.shape)}; {_leave_out_hint(k, self.names)}"
                 )
             F._check_float_tensor(inputs, "the stacked inputs")
             return inputs, None
@@ -365,13 +431,24 @@ class WeightedSum(LazyModuleMixin, nn.Module):
             w = w * self.scale.to(acc)
         return w
 
+    def _pre_weights(self) -> Tensor | None:
+        """The softmax/sparsemax pre-weights, or None (relu, affine, or baked weights)."""
+        if self.kind != "simplex" or self.method == "relu":
+            return None
+        if not parametrize.is_parametrized(self, "weights"):  # after sumto.bake
+            return None
+        plists: Any = self.parametrizations
+        original: Tensor = plists.weights.original
+        return original
+
     def _renormalised(self, present: list[int] | None, mask: Tensor | None) -> Tensor:
         """Weights of the present inputs, renormalised; laid out (K', [B], [C])."""
-        plists: Any = self.parametrizations
-        uses_pre_weights = self.kind == "simplex" and self.method != "relu"
         # softmax and sparsemax renormalise from the pre-weights, relu and affine from
-        # the constrained weights.
-        source = plists.weights.original if uses_pre_weights else self.weights
+        # the constrained weights. A baked module has only the constrained weights:
+        # its softmax weights are rescaled (the masked softmax of the pre-weights,
+        # exactly) and its sparsemax weights projected (see the class docstring).
+        pre = self._pre_weights()
+        source = self.weights if pre is None else pre
         if present is not None:
             source = torch.stack([source[i] for i in present])
         count = source.shape[0]
@@ -380,10 +457,12 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         m = None if mask is None else mask.reshape(-1, count, 1)
         if self.kind == "affine":
             out = _shift_affine(x, m)
-        elif self.method == "relu":
+        elif self.method == "relu" or (self.method == "softmax" and pre is None):
             out = _rescale(x, m)
         elif self.method == "softmax":
             out = _masked_softmax(x / self._temperature, m)
+        elif pre is None:
+            out = _masked_sparsemax(x, m)
         else:
             out = _masked_sparsemax(x / self._temperature, m)
         out = out.transpose(0, 1)  # (K', rows, columns)
@@ -556,6 +635,15 @@ def _resolve_count(
     return next(iter(given.values()), None)
 
 
+def _leave_out_hint(k: int, names: tuple[str, ...] | None) -> str:
+    """How to call a module of K inputs with some of them missing."""
+    if names is not None:
+        subset = f"pass a dict with a subset of names {list(names)}"
+    else:
+        subset = "build WeightedSum(names=[...]) and pass a dict of the present inputs"
+    return f"to leave inputs out, {subset}, or pass all {k} with mask= (False = missing)"
+
+
 def _inputs_type_message(inputs: object, names: tuple[str, ...] | None) -> str:
     expected = "a list or tuple of tensors, a stacked tensor"
     expected += " or a dict name -> tensor" if names is not None else " (a dict needs names=...)"
@@ -580,3 +668,76 @@ def _check_same(tensors: Sequence[Tensor], present: list[int] | None) -> None:
         raise ValueError(
             f"expected inputs on one device, got devices {[str(t.device) for t in tensors]}"
         )
+
+
+# ---------------------------------------------------------------------------
+# checkpoints: input names and K in the state_dict's metadata
+# ---------------------------------------------------------------------------
+
+
+def _save_names_hook(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+) -> None:
+    """Record K and the names in this module's ``_metadata`` entry (no state_dict value)."""
+    if not isinstance(module, WeightedSum):  # registered by WeightedSum.__init__ only
+        return
+    if module.num_inputs is not None:
+        local_metadata[_COUNT_KEY] = module.num_inputs
+    if module.names is not None:
+        local_metadata[_NAMES_KEY] = list(module.names)
+
+
+def _align_checkpoint(
+    module: WeightedSum, state_dict: dict[str, Any], prefix: str, metadata: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint of other inputs; put the weights of renamed ones in this order.
+
+    A checkpoint without the metadata (saved before it existed, or a hand-made dict)
+    loads positionally. Names are compared when both sides have them, K whenever
+    both are known (an unsized module takes K from the checkpoint).
+    """
+    saved_names = metadata.get(_NAMES_KEY)
+    saved_k = metadata.get(_COUNT_KEY)
+    if saved_names is None and saved_k is None:
+        return
+    if saved_names is not None and not (
+        isinstance(saved_names, (list, tuple)) and all(isinstance(n, str) for n in saved_names)
+    ):
+        raise ValueError(f"expected checkpoint input names as a list of str, got {saved_names!r}")
+    if saved_k is not None and (isinstance(saved_k, bool) or not isinstance(saved_k, int)):
+        raise ValueError(f"expected the checkpoint's number of inputs as an int, got {saved_k!r}")
+    own = None if module.names is None else list(module.names)
+    theirs = None if saved_names is None else list(saved_names)
+    where = f"WeightedSum {prefix[:-1]!r}" if prefix else "WeightedSum"
+    if own is not None and theirs is not None:
+        if sorted(own) != sorted(theirs):
+            raise ValueError(
+                f"expected a checkpoint of {where} with input names {own} (in any order), "
+                f"got input names {theirs}"
+            )
+        if own != theirs:
+            _permute_weights(state_dict, prefix, [theirs.index(name) for name in own])
+        return
+    k = module.num_inputs
+    if saved_k is not None and k is not None and saved_k != k:
+        raise ValueError(
+            f"expected a checkpoint of {where} with K={k} inputs{_named(own)}, "
+            f"got K={saved_k}{_named(theirs)}"
+        )
+
+
+def _named(names: list[str] | None) -> str:
+    return "" if names is None else f" named {names}"
+
+
+def _permute_weights(state_dict: dict[str, Any], prefix: str, order: list[int]) -> None:
+    """Replace the checkpoint's weights (pre-weights or baked) by their rows in ``order``.
+
+    New tensors in the load's own copy of the dict: the caller's checkpoint is unchanged.
+    A tensor of another shape is left for torch's own size check to report.
+    """
+    for key in (prefix + _ORIGINAL, prefix + "weights"):
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == len(order):
+            index = torch.tensor(order, device=value.device)
+            state_dict[key] = value.index_select(0, index)
