@@ -308,21 +308,8 @@ def test_torch_func_grad_and_jacrev_match_reference(kind: str, method: str) -> N
         assert_close(g, expected, 10.0, torch.float64, 8)
 
 
-# Forward mode through the constraints themselves (sumto.functional), not WeightedSum.
-_CONSTRAINT_FORWARD_MODE = {
-    "sparsemax": "Simplex(method='sparsemax') gives the forward-mode derivative I on the "
-    "support instead of I - 11^T/|S|",
-    "affine": "AffineSum's projection (an autograd.Function) has no jvp rule",
-}
-
-
 def _forward_mode_cases() -> list[Any]:
-    cases: list[Any] = [(kind, method, "inputs") for kind, method in KINDS]
-    for kind, method in KINDS:
-        reason = _CONSTRAINT_FORWARD_MODE.get(method if kind == "simplex" else kind)
-        marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
-        cases.append(pytest.param(kind, method, "all", marks=marks))
-    return cases
+    return [(kind, method, wrt) for kind, method in KINDS for wrt in ("inputs", "all")]
 
 
 @pytest.mark.parametrize(("kind", "method", "wrt"), _forward_mode_cases())
