@@ -11,15 +11,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
 __all__ = [
     "eager",
+    "forward_ad_active",
     "functorch_active",
     "inject_property",
     "is_compiling",
     "is_tracing",
+    "own_parameter",
     "transforming",
+    "transforms_active",
     "wide_dtype",
 ]
 
@@ -29,6 +33,23 @@ is_compiling = torch.compiler.is_compiling
 def is_tracing() -> bool:
     """Whether ``torch.jit.trace`` is recording."""
     return bool(torch.jit.is_tracing())  # type: ignore[attr-defined,no-untyped-call]
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform is active (``True`` when torch cannot say)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return True if active is None else bool(active())
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (``True`` when torch cannot say)."""
+    level = getattr(forward_ad, "_current_level", None)
+    return True if not isinstance(level, int) else level >= 0
+
+
+def own_parameter(module: nn.Module, name: str) -> Any:
+    """``module``'s own parameter ``name`` (an uninitialised one too), or ``None``."""
+    return module._parameters.get(name)
 
 
 def functorch_active(x: Tensor) -> bool:

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
-from sumto._compat import is_compiling
+from sumto._compat import forward_ad_active, is_compiling, transforms_active
 from sumto.functional import _compute_dtype
 
 __all__: list[str] = []
@@ -175,12 +174,7 @@ def _coefficient_grad(
 
 def _plain_ops_needed() -> bool:
     """Whether the sum must be plain ops: compiling, a ``torch.func`` transform or forward AD."""
-    return (
-        is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        # Inside ``forward_ad.dual_level()`` (public API, private level counter).
-        or forward_ad._current_level >= 0
-    )
+    return is_compiling() or transforms_active() or forward_ad_active()
 
 
 def weighted_sum(

@@ -14,7 +14,7 @@ from torch.nn.parameter import UninitializedParameter, is_lazy
 from torch.nn.utils import parametrize
 
 from sumto import functional as F
-from sumto._compat import is_compiling
+from sumto._compat import is_compiling, own_parameter
 from sumto.constraints import _SIMPLEX_METHODS, AffineSum, Simplex, SimplexMethod
 from sumto.nn._weighted_sum_function import weighted_sum
 from sumto.register import _install_load_hook, constrain
@@ -181,7 +181,7 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     def _create_weights(self, k: int, init: Tensor | None) -> None:
         """Register the constrained ``(K,)`` or ``(K, C)`` weights with value ``init``."""
         shape = (k,) if self.channels is None else (k, self.channels)
-        current = self._parameters.get("weights")
+        current = own_parameter(self, "weights")
         if isinstance(current, UninitializedParameter):
             current.materialize(shape)  # keeps the placeholder's device and dtype
         else:
