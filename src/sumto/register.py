@@ -181,7 +181,8 @@ def constrain(
         constraint: A :class:`sumto.Constraint` instance (not shared with another tensor).
         init: ``"project"`` keeps the current value if it already satisfies the
             constraint and otherwise projects it onto the set; a tensor sets that
-            exact constrained value.
+            exact constrained value. On the meta device nothing is checked or set:
+            call ``to_empty`` and load a checkpoint.
 
     Returns:
         ``module``, with ``module.<name>`` constrained.
@@ -190,9 +191,10 @@ def constrain(
         KeyError: If ``module`` has no tensor called ``name``.
         IndexError: If the constraint's dims are out of range for the tensor.
         TypeError: If the tensor is not floating point or an argument has the wrong type.
-        ValueError: If the tensor is already parametrized, the constraint's set is
-            empty for this shape, or ``init`` has the wrong shape or violates the
-            constraint.
+        ValueError: If the tensor is already parametrized or also held by another
+            module (tied weights), the constraint object is already registered on
+            another tensor, the constraint's set is empty for this shape, or ``init``
+            has the wrong shape or violates the constraint.
 
     Example:
         >>> import torch
