@@ -365,10 +365,11 @@ def test_inspect_skips_unknown_classes_and_foreign_parametrizations(
     sumto.sum_to(model[1], "bias", total=1.0)
     parametrize.register_parametrization(model[1], "bias", Double())
     state = model.state_dict()
-    extra = dict(state["0.parametrizations.weight.0._extra_state"])
-    state["0.parametrizations.weight.0._extra_state"] = {**extra, "class": "FutureConstraint"}
+    configs = state._metadata["0"]["sumto.constraints"]
+    extra = dict(configs["parametrizations.weight.0"])
+    configs["parametrizations.weight.0"] = {**extra, "class": "FutureConstraint"}
     # a foreign parametrization *before* a sumto one: index 0 has no saved state
-    state["1.parametrizations.weight.1._extra_state"] = extra
+    state._metadata["1"]["sumto.constraints"]["parametrizations.weight.1"] = extra
     torch.save(state, tmp_path / "odd.pt")
     status, out, err = _inspect(tmp_path / "odd.pt", capsys)
     assert status == 0 and err == ""
@@ -376,6 +377,38 @@ def test_inspect_skips_unknown_classes_and_foreign_parametrizations(
     assert "parametrization 0 of '1.weight' is not a sumto constraint" in out
     # the bias has sum_to at index 0 (a trailing foreign map is invisible in a state_dict)
     assert torch.allclose(torch.tensor(_sums_line(out, "1.bias")), torch.tensor([1.0]))
+
+
+def _legacy_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The state_dict layout of earlier sumto versions: configurations as ``_extra_state``."""
+    state = model.state_dict()
+    legacy: dict[str, Any] = dict(state)  # a plain dict: no metadata
+    for owner, local in state._metadata.items():
+        for rel, config in local.get("sumto.constraints", {}).items():
+            legacy[f"{owner}.{rel}._extra_state" if owner else f"{rel}._extra_state"] = config
+    return legacy
+
+
+def test_inspect_reads_the_extra_state_entries_of_older_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "new.pt")
+    torch.save(_legacy_state_dict(model), tmp_path / "old.pt")
+    status, old, err = _inspect(tmp_path / "old.pt", capsys)
+    assert status == 0 and err == ""
+    assert "4 sumto-constrained tensors" in old
+    _, new, _ = _inspect(tmp_path / "new.pt", capsys)
+    assert old.replace("old.pt", "new.pt") == new
+
+
+def test_inspect_of_a_plain_dict_copy_finds_nothing_constrained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # dict(state_dict) drops the metadata that holds the configurations.
+    torch.save(dict(_model().state_dict()), tmp_path / "copy.pt")
+    status, out, _ = _inspect(tmp_path / "copy.pt", capsys)
+    assert status == 0 and "no sumto-constrained tensors" in out
 
 
 @pytest.mark.parametrize(

@@ -313,8 +313,8 @@ def test_constraint_constructors_and_methods_work_or_fail_cleanly(
         return
     assert isinstance(constraint, sumto.Constraint)
     repr(constraint)
-    state = constraint.get_extra_state()
-    attempt(constraint.set_extra_state, state, expect={"state"})
+    state = constraint._saved_config()
+    attempt(constraint._check_checkpoint, state, {}, "c", expect={"state"})
     names = {"x", "value", "dim", "total", "shape", "A", "b", "constrained tensor"}
     finite = is_finite(x) and all(is_finite(v) for v in kwargs.values())
     for method in ("forward", "project", "violation"):

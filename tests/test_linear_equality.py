@@ -262,10 +262,10 @@ def test_slice_size_mismatch_raises_at_registration() -> None:
         sumto.linear_equality(nn.Linear(4, 2), A=torch.ones(1, 4), b=torch.ones(1), dim=2)
 
 
-def test_repr_and_extra_state() -> None:
+def test_repr_and_saved_configuration() -> None:
     c = sumto.LinearEquality([[1.0, 1.0], [2.0, 2.0]], [1.0, 2.0], dim=-1)
     assert repr(c) == "LinearEquality(A=Tensor(shape=(2, 2)), rank=1, dim=(-1,))"
-    state = c.get_extra_state()
+    state = c._saved_config()
     assert state["class"] == "LinearEquality"
     assert state["config"] == {"dim": [-1], "A": [[1.0, 1.0], [2.0, 2.0]], "b": [1.0, 2.0]}
 

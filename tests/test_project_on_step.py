@@ -141,6 +141,36 @@ def test_parameter_stays_plain_and_checkpoints_are_plain() -> None:
     assert weight in opt.state
 
 
+@pytest.mark.parametrize("name", CONSTRAINT_IDS)
+def test_attaching_after_loading_a_checkpoint_resumes_bit_identically(name: str) -> None:
+    def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4))
+        return model, torch.optim.Adam(model.parameters(), lr=0.05)
+
+    reference, opt_ref = build(0)
+    sumto.project_on_step(opt_ref, reference[0].weight, _constraint(name))
+    _train(reference, opt_ref, steps=6)
+
+    first, opt_first = build(0)
+    sumto.project_on_step(opt_first, first[0].weight, _constraint(name))
+    _train(first, opt_first, steps=3)
+    model_state, opt_state = first.state_dict(), opt_first.state_dict()
+
+    # resume in this order: load the model, then attach the projection, then the optimizer
+    resumed, opt_resumed = build(1)
+    resumed.load_state_dict(model_state)
+    loaded = resumed[0].weight.detach().clone()
+    sumto.project_on_step(opt_resumed, resumed[0].weight, _constraint(name))
+    assert torch.equal(resumed[0].weight, loaded), "attaching moved the loaded weights"
+    opt_resumed.load_state_dict(opt_state)
+    _train(resumed, opt_resumed, steps=3)
+    for (key, got), want in zip(
+        resumed.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), key
+
+
 def test_check_reports_managed_parameters_by_qualified_name() -> None:
     model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from collections.abc import Callable
@@ -480,24 +481,30 @@ def test_loading_a_checkpoint_of_another_constraint_raises_value_error(
 ) -> None:
     saved = make_saved(nn.Linear(3, 3)).state_dict()
     model = make_loaded(nn.Linear(3, 3))
-    with pytest.raises((ValueError, RuntimeError), match="expected"):
-        model.load_state_dict(saved, strict=False)
-    with pytest.raises(ValueError, match="expected a checkpoint saved with"):
-        model.parametrizations.weight[0].set_extra_state(
-            saved["parametrizations.weight.0._extra_state"]
-        )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="expected a checkpoint saved with"):
+            model.load_state_dict(saved, strict=strict)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "a refused load copied"
 
 
-def test_extra_state_is_plain_python_readable_with_weights_only() -> None:
+def test_configuration_is_saved_in_the_state_dict_metadata_readable_with_weights_only() -> None:
     lin = sumto.simplex(nn.Linear(3, 2), method="relu", total=2.0)
     state = _roundtrip(lin.state_dict())
-    assert state["parametrizations.weight.0._extra_state"] == {
-        "format": "sumto.constraint/1",
-        "class": "Simplex",
-        "config": {"dim": None, "total": 2.0, "method": "relu", "temperature": 1.0},
+    assert all(isinstance(v, Tensor) for v in state.values())  # no entry but tensors
+    assert state._metadata[""]["sumto.constraints"] == {
+        "parametrizations.weight.0": {
+            "format": "sumto.constraint/1",
+            "class": "Simplex",
+            "config": {"dim": None, "total": 2.0, "method": "relu", "temperature": 1.0},
+        }
     }
+    nested = nn.Sequential(nn.Identity(), nn.Sequential(lin)).state_dict()
+    assert "parametrizations.weight.0" in nested._metadata["1.0"]["sumto.constraints"]
+    state._metadata[""]["sumto.constraints"]["parametrizations.weight.0"] = {"format": "other"}
     with pytest.raises(ValueError, match="expected sumto constraint state"):
-        lin.parametrizations.weight[0].set_extra_state({"format": "other"})
+        lin.load_state_dict(state)
 
 
 def test_constrained_values_are_exact_after_register_and_readback_for_simplex_exact_values() -> (
@@ -511,3 +518,105 @@ def test_constrained_values_are_exact_after_register_and_readback_for_simplex_ex
     assert float((lin.weight.detach() - value).abs().max()) <= 4 * torch.finfo(torch.float32).eps
     assert_on_set(lin)
     assert isinstance(lin.parametrizations.weight[0], Simplex)
+
+
+# ---------------------------------------------------------------------------
+# argument checks, shared constraints and tied weights
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: AffineSum(total=10**400), "expected a finite total, got an int of 401 digits"),
+        (lambda: Simplex(total=-(10**400)), "expected a finite total, got an int of 401 digits"),
+        (lambda: Simplex(temperature=10**400), "expected a finite temperature, got an int"),
+        (lambda: BoxSum(lower=-(10**400)), "expected a finite lower, got an int"),
+        (lambda: BoxSum(upper=10**309), "expected a finite upper, got an int of 310 digits"),
+        (lambda: sumto.sum_to(nn.Linear(3, 2), total=10**400), "expected a finite total"),
+    ],
+)
+def test_ints_beyond_the_float_range_raise_value_error(
+    build: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_tolerance_of_a_non_float_tensor_raises_type_error_naming_the_argument() -> None:
+    for constraint in (AffineSum(), Simplex(), BoxSum(), sumto.LinearEquality([[1.0]], [1.0])):
+        with pytest.raises(TypeError, match="expected x to be a floating point tensor, got dtype"):
+            constraint.tolerance(torch.ones(3, 1, dtype=torch.int64))
+
+
+def test_a_constraint_object_registered_twice_is_refused() -> None:
+    constraint = AffineSum(total=2.0)
+    first = sumto.constrain(nn.Linear(4, 3), "weight", constraint)
+    message = r"expected a constraint object that constrains no other tensor, got one already"
+    with pytest.raises(ValueError, match=message + r" registered on ParametrizedLinear\.weight"):
+        sumto.constrain(nn.Linear(4, 3), "weight", constraint)
+    with pytest.raises(ValueError, match=message):
+        sumto.constrain(first, "bias", constraint)
+    lin = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=message):
+        sumto.project_on_step(torch.optim.SGD(lin.parameters(), lr=0.1), lin.weight, constraint)
+    assert torch.allclose(first.weight.sum(1), torch.full((3,), 2.0))  # left as it was
+    # what the message suggests works, and so does reuse once the first owner is baked
+    sumto.constrain(nn.Linear(4, 3), "weight", copy.deepcopy(constraint))
+    sumto.bake(first)
+    sumto.constrain(nn.Linear(4, 3), "weight", constraint)
+
+
+def test_a_deep_copy_of_a_constrained_module_owns_its_constraints() -> None:
+    source = sumto.simplex(nn.Linear(4, 3))
+    clone = copy.deepcopy(source)
+    with pytest.raises(ValueError, match=r"already registered on ParametrizedLinear\.weight"):
+        sumto.constrain(nn.Linear(4, 3), "weight", clone.parametrizations.weight[0])
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight  # tied
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+@pytest.mark.parametrize("helper", HELPER_FNS, ids=HELPER_IDS)
+def test_constraining_one_of_two_tied_weights_is_refused(helper: Helper) -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    before = model.enc.weight.detach().clone()
+    with pytest.raises(
+        ValueError,
+        match=r"expected Linear\.weight to be held by this module alone, got a tensor also "
+        r"held as 'weight' of another Linear \(tied weights.*transfer_parametrizations_and_params",
+    ):
+        helper(model.enc)
+    assert not parametrize.is_parametrized(model.enc)
+    assert model.dec.weight is model.enc.weight and torch.equal(model.enc.weight, before)
+    module = nn.Module()
+    module.a = nn.Parameter(torch.ones(2, 3))
+    module.b = module.a
+    with pytest.raises(ValueError, match="also held as 'b' of the same module"):
+        helper(module, name="a")
+
+
+def test_tying_a_constrained_weight_with_the_suggested_recipe_keeps_both_constrained() -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    model.dec.weight = nn.Parameter(model.enc.weight.detach().clone())  # untie
+    sumto.simplex(model.enc)
+    parametrize.transfer_parametrizations_and_params(model.enc, model.dec, "weight")
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    assert torch.equal(model.dec.weight, model.enc.weight)
+    assert model.dec.parametrizations.weight.original is model.enc.parametrizations.weight.original
+    assert_on_set(model)

@@ -93,7 +93,10 @@ def check_number(value: object, name: str) -> float:
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"expected a finite {name}, got an int beyond float range") from None
+        raise ValueError(
+            f"expected a finite {name}, got an int of {len(str(abs(int(value))))} digits, "
+            "beyond the float range"
+        ) from None
 
 
 def check_total(total: Total, shape: Sequence[int], dims: tuple[int, ...]) -> None:

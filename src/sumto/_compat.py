@@ -7,6 +7,7 @@ a transform is active takes the path that is valid under every transform.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "is_compiling",
     "is_tracing",
     "own_parameter",
+    "registering_by_torch",
     "transforming",
     "transforms_active",
     "wide_dtype",
@@ -88,6 +90,20 @@ def eager(x: Tensor) -> bool:
 def wide_dtype(device: torch.device) -> torch.dtype:
     """The widest float dtype of ``device``: float64, or float32 on MPS, which lacks it."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+_PLIST_INIT_CODE = getattr(parametrize.ParametrizationList.__init__, "__code__", None)
+
+
+def registering_by_torch() -> bool:
+    """Whether the caller's caller is torch's ``ParametrizationList`` constructor.
+
+    torch calls ``right_inverse`` from there when it (re-)registers a parametrization,
+    e.g. in ``transfer_parametrizations_and_params``. Without the code object to
+    compare with, answer ``False``: the value is then checked like any assignment.
+    """
+    frame = sys._getframe(2)
+    return _PLIST_INIT_CODE is not None and frame.f_code is _PLIST_INIT_CODE
 
 
 def inject_property(module: nn.Module, name: str) -> None:

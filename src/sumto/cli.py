@@ -22,15 +22,17 @@ from torch import Tensor
 
 import sumto
 from sumto._safe_load import UntrustedContentError, load_checkpoint
-from sumto.constraints import EXTRA_STATE_FORMAT, Constraint
+from sumto.constraints import CONFIG_METADATA_KEY, EXTRA_STATE_FORMAT, Constraint
 
 __all__ = ["main"]
 
 _PROG = "sumto"
-# <prefix>parametrizations.<name>.<index>._extra_state, prefix "" or "a.b."
+# <prefix>parametrizations.<name>.<index>._extra_state, prefix "" or "a.b." (older checkpoints)
 _EXTRA_STATE_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.(?P<index>\d+)\._extra_state$"
 )
+# parametrizations.<name>.<index>, a key of the configurations in a module's metadata
+_CONFIG_KEY = re.compile(r"parametrizations\.(?P<name>[^.]+)\.(?P<index>\d+)")
 _MAX_NESTING = 3  # how deep ``inspect`` looks for state_dicts nested in a checkpoint dict
 _SHOWN_VALUES = 8
 
@@ -74,9 +76,34 @@ def _load_checkpoint(path: str, trusted: bool) -> Mapping[str, Any]:
     return state
 
 
+def _saved_configs(state: Mapping[str, Any]) -> dict[tuple[str, str], dict[int, Any]]:
+    """Saved constraint configurations, by ``(prefix, tensor name)`` and index.
+
+    Read from the state_dict's metadata, and from the ``_extra_state`` entries of older
+    checkpoints (see Note [Constraint configuration in state_dict metadata]).
+    """
+    found: dict[tuple[str, str], dict[int, Any]] = {}
+    for key, value in state.items():
+        match = _EXTRA_STATE_KEY.match(key) if isinstance(key, str) else None
+        if match:
+            found.setdefault((match["prefix"], match["name"]), {})[int(match["index"])] = value
+    metadata = getattr(state, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        for owner, local in metadata.items():
+            configs = local.get(CONFIG_METADATA_KEY) if isinstance(local, Mapping) else None
+            if not isinstance(owner, str) or not isinstance(configs, Mapping):
+                continue
+            for rel, config in configs.items():
+                match = _CONFIG_KEY.fullmatch(rel) if isinstance(rel, str) else None
+                if match:
+                    ident = (f"{owner}." if owner else "", match["name"])
+                    found.setdefault(ident, {})[int(match["index"])] = config
+    return found
+
+
 def _state_dicts(state: Mapping[str, Any], label: str, depth: int) -> list[tuple[str, Any]]:
-    """``(label, mapping)`` for ``state`` and, if it has no sumto keys, nested dicts."""
-    if any(isinstance(k, str) and _EXTRA_STATE_KEY.match(k) for k in state):
+    """``(label, mapping)`` for ``state`` and, if it has no sumto constraints, nested dicts."""
+    if _saved_configs(state):
         return [(label, state)]
     found: list[tuple[str, Any]] = []
     if depth < _MAX_NESTING:
@@ -139,7 +166,9 @@ def _format_values(values: Tensor) -> str:
     return f"[{head}, ..., {tail}] (min {min(flat):.7g}, max {max(flat):.7g})"
 
 
-def _describe(state: Mapping[str, Any], prefix: str, name: str, indices: list[int]) -> list[str]:
+def _describe(
+    state: Mapping[str, Any], prefix: str, name: str, configs: Mapping[int, Any]
+) -> list[str]:
     """Lines describing one constrained tensor: its shape and sums per constraint."""
     key = f"{prefix}{name}"
     plist = f"{prefix}parametrizations.{name}"
@@ -149,14 +178,14 @@ def _describe(state: Mapping[str, Any], prefix: str, name: str, indices: list[in
     lines = [f"{key}: shape {tuple(original.shape)}, dtype {str(original.dtype).split('.')[-1]}"]
     value = original.detach()
     try:
-        for index in range(max(indices) + 1):
-            if index not in indices:
+        for index in range(max(configs) + 1):
+            if index not in configs:
                 raise _InspectError(
                     f"parametrization {index} of {key!r} is not a sumto constraint and "
                     "cannot be rebuilt from the checkpoint; skipped"
                 )
             base = f"{plist}.{index}."
-            constraint = _rebuild(state, base, state[base + "_extra_state"])
+            constraint = _rebuild(state, base, configs[index])
             try:
                 constraint._bind(value)
                 with torch.no_grad():
@@ -207,14 +236,8 @@ def _report(checkpoint: str, state: Mapping[str, Any]) -> int:
     total = 0
     out: list[str] = []
     for label, sub in found:
-        tensors: dict[tuple[str, str], list[int]] = {}
-        for key in sub:
-            match = _EXTRA_STATE_KEY.match(key) if isinstance(key, str) else None
-            if match:
-                ident = (match["prefix"], match["name"])
-                tensors.setdefault(ident, []).append(int(match["index"]))
-        for (prefix, name), indices in sorted(tensors.items()):
-            lines = _describe(sub, prefix, name, sorted(indices))
+        for (prefix, name), configs in sorted(_saved_configs(sub).items()):
+            lines = _describe(sub, prefix, name, configs)
             out.append(label + lines[0])
             out += lines[1:]
             total += 1

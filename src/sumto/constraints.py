@@ -10,7 +10,8 @@ plain checkpoints loadable.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from sumto import _checks
 from sumto import functional as F
-from sumto._compat import wide_dtype
+from sumto._compat import registering_by_torch, wide_dtype
 from sumto.functional import Dim, Total
 
 __all__ = ["AffineSum", "BoxSum", "Constraint", "Simplex"]
@@ -26,13 +27,71 @@ __all__ = ["AffineSum", "BoxSum", "Constraint", "Simplex"]
 SimplexMethod = F.SimplexMethod
 _SIMPLEX_METHODS = F.SIMPLEX_METHODS
 RELU_EPS = F.RELU_EPS
-# Format tag of the constraint configuration stored in state_dicts (extra state).
+# Format tag of a constraint's saved configuration ({"format", "class", "config"}).
 EXTRA_STATE_FORMAT = "sumto.constraint/1"
+# Key, in the state_dict metadata of the module owning a constrained tensor, of the
+# saved configurations: {"parametrizations.<name>.<index>": {"format", "class", "config"}}.
+# See Note [Constraint configuration in state_dict metadata].
+CONFIG_METADATA_KEY = "sumto.constraints"
+# A constraint's state_dict prefix inside a parametrization: "<owner prefix>parametrizations.<name>.<i>."
+_IN_PARAMETRIZATION = re.compile(
+    r"(?P<owner>(?:.*\.)?)(?P<rel>parametrizations\.[^.]+\.\d+)\.", re.DOTALL
+)
 
 
 def default_dims(ndim: int) -> tuple[int, ...]:
     """One sum per output unit: dims 1..ndim-1 for 2+ dims, dim 0 for 1-D (and 0-D) tensors."""
     return tuple(range(1, ndim)) if ndim >= 2 else (0,)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a saved ``A`` can be large)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _has_values(total: Tensor | float) -> bool:
+    """False for a meta tensor total, whose values are checked when loaded."""
+    return not (isinstance(total, Tensor) and total.is_meta)
+
+
+def _save_config_hook(
+    module: Constraint, state_dict: Any, prefix: str, local_metadata: Any
+) -> None:
+    """Write the configuration into the owning module's state_dict metadata.
+
+    See Note [Constraint configuration in state_dict metadata]. A constraint that is
+    not a parametrization (a submodule of its own) saves none: no pre-weights depend on it.
+    """
+    metadata = getattr(state_dict, "_metadata", None)
+    match = _IN_PARAMETRIZATION.fullmatch(prefix)
+    if not isinstance(metadata, dict) or match is None:
+        return
+    owner = metadata.get(match["owner"][:-1])
+    if isinstance(owner, dict):
+        owner.setdefault(CONFIG_METADATA_KEY, {})[match["rel"]] = module._saved_config()
+
+
+def _load_entries_hook(
+    module: Constraint,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Validate the constraint's own checkpoint entries and drop a legacy ``_extra_state``.
+
+    For a constraint registered with the sumto helpers, the owning module's hook has
+    already checked everything before any tensor was copied; this one covers
+    constraints loaded on their own or registered by other means.
+    """
+    legacy = state_dict.pop(prefix + "_extra_state", None)
+    names = module._state_names()
+    tensors = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+    module._check_checkpoint(legacy, tensors, prefix[:-1])
 
 
 def _accumulate_dtype(x: Tensor) -> torch.dtype:
@@ -60,6 +119,9 @@ class Constraint(nn.Module):
         # so that assignments of a wrong shape fail instead of breaking later.
         self._shape: tuple[int, ...] | None = None
         self._dtype: torch.dtype | None = None
+        # Note [Constraint configuration in state_dict metadata]
+        self._register_state_dict_hook(_save_config_hook)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_pre_hook(_load_entries_hook)  # type: ignore[no-untyped-call]
 
     # -- dims ---------------------------------------------------------------
     def dims(self, ndim: int) -> tuple[int, ...]:
@@ -102,38 +164,127 @@ class Constraint(nn.Module):
         self.dims(len(shape))
 
     def _config(self) -> dict[str, Any]:
-        """Plain-Python configuration, saved in state_dicts as extra state."""
+        """Plain-Python configuration, saved in the state_dict metadata of the owning module."""
         return {"dim": None if self.dim is None else list(self.dim)}
 
     # -- checkpoints ----------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        """Configuration saved beside the pre-weights (readable with ``weights_only=True``).
+    # Note [Constraint configuration in state_dict metadata]
+    # The configuration is saved beside the pre-weights (it lets ``sumto inspect``
+    # rebuild a constraint from a state_dict, and refuses pre-weights loaded into a
+    # differently configured constraint, whose meaning would silently change). It is
+    # not a state_dict *entry* (torch's extra state): averaging code treats every entry
+    # as a tensor (``for e, m in zip(ema_sd.values(), sd.values()): e.copy_(...)``, timm's
+    # ModelEmaV2, ``{k: v.to(...)}``, safetensors) and fails on a dict. It lives in the
+    # state_dict's ``_metadata``, the per-module dicts that ``state_dict()`` fills
+    # (``version``) and ``load_state_dict`` hands to each module as ``local_metadata``:
+    # plain Python data that survives ``torch.save``/``torch.load(weights_only=True)``,
+    # ``copy.deepcopy`` and torch's prefix helpers. It is written into the entry of the
+    # module that *owns* the constrained tensor, under CONFIG_METADATA_KEY, because
+    # that module's load pre-hook runs before any of its tensors is copied and sees
+    # only its own entry (the constraint is visited after the pre-weights). A state_dict
+    # rebuilt as a plain dict has no ``_metadata``: it loads without the configuration
+    # check, its tensor entries (totals) are still validated. Checkpoints of earlier
+    # versions hold the same dicts as ``<...>.<index>._extra_state`` entries, which the
+    # load hooks read and remove.
 
-        It lets ``sumto inspect`` rebuild the constraint from a state_dict alone, and
-        makes loading pre-weights into a differently configured constraint fail
-        loudly instead of silently changing their meaning.
-        """
+    def _saved_config(self) -> dict[str, Any]:
+        """The configuration saved in state_dicts (plain Python, ``weights_only``-loadable)."""
         return {
             "format": EXTRA_STATE_FORMAT,
             "class": type(self).__name__,
             "config": self._config(),
         }
 
-    def set_extra_state(self, state: Any) -> None:
-        """Check that a checkpoint was saved with this constraint's configuration.
+    def _state_names(self) -> list[str]:
+        """Names of this constraint's own state_dict tensors (e.g. a tensor ``total``)."""
+        names = [n for n, p in self._parameters.items() if p is not None]
+        persistent = [
+            n
+            for n, b in self._buffers.items()
+            if b is not None and n not in self._non_persistent_buffers_set
+        ]
+        return names + persistent
+
+    def _check_checkpoint(self, saved: Any, tensors: Mapping[str, Any], where: str) -> None:
+        """Validate what a checkpoint holds for this constraint; nothing is changed.
+
+        The saved configuration must equal this one (only the checkpoint's tensors are
+        loaded; configuration values are compared, so an invalid one such as a NaN
+        total never matches). The checkpoint's tensors (a per-slice total) are checked
+        as the constructor and registration check them, by building this constraint
+        with them.
+
+        Args:
+            saved: The saved ``{"format", "class", "config"}``, or ``None`` when the
+                checkpoint has none (then only its tensors are checked).
+            tensors: The checkpoint's entries for this constraint's own tensors, by name.
+            where: The constraint's state_dict prefix, to name it in messages.
 
         Raises:
-            ValueError: If the saved class or configuration differs from this one.
+            ValueError: If the saved class or configuration differs from this one, or a
+                tensor is one the constructor refuses (non-finite, a simplex total
+                <= 0, the wrong shape, an empty box, ...).
         """
-        expected = self.get_extra_state()
-        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
-            raise ValueError(f"expected sumto constraint state {expected}, got {state!r}")
-        if state.get("class") != expected["class"] or state.get("config") != expected["config"]:
-            raise ValueError(
-                f"expected a checkpoint saved with {expected['class']} {expected['config']}, "
-                f"got {state.get('class')} {state.get('config')}: the pre-weights would change "
-                "meaning; load into a model built with the checkpoint's constraint"
-            )
+        where = where or type(self).__name__
+        if saved is not None:
+            if not isinstance(saved, Mapping) or saved.get("format") != EXTRA_STATE_FORMAT:
+                raise ValueError(
+                    f"expected sumto constraint state {self._saved_config()} for {where!r}, "
+                    f"got {_short(saved)}"
+                )
+            saved_class, config = saved.get("class"), saved.get("config")
+            if saved_class != type(self).__name__ or config != self._config():
+                raise ValueError(
+                    f"expected a checkpoint saved with {type(self).__name__} "
+                    f"{_short(self._config())}, got {saved_class} {_short(config)} for "
+                    f"{where!r}: the pre-weights would change meaning; load into a model "
+                    "built with the checkpoint's constraint"
+                )
+        for key, value in tensors.items():
+            own = getattr(self, key)
+            if not isinstance(value, Tensor):
+                raise ValueError(
+                    f"expected checkpoint entry {f'{where}.{key}'!r} to be a tensor, "
+                    f"got {type(value).__name__}"
+                )
+            if tuple(value.shape) != tuple(own.shape):
+                raise ValueError(
+                    f"expected checkpoint entry {f'{where}.{key}'!r} of shape "
+                    f"{tuple(own.shape)}, got shape {tuple(value.shape)}"
+                )
+        if tensors:
+            self._check_rebuilt(tensors, where)
+
+    def _check_rebuilt(self, tensors: Mapping[str, Tensor], where: str) -> None:
+        """Build this constraint with the checkpoint's tensors: the constructor checks them.
+
+        The class built is the nearest sumto class with its own constructor; a subclass
+        with a configuration of its own is not rebuilt.
+        """
+        mro = type(self).__mro__
+        config_owner = next(c for c in mro if "_config" in c.__dict__)
+        cls: type[Constraint] | None = None
+        for c in mro:
+            own_init = "__init__" in c.__dict__
+            if issubclass(c, Constraint) and c.__module__.startswith("sumto.") and own_init:
+                cls = c
+                break
+        if cls is None or not issubclass(cls, config_owner):
+            return
+        kwargs: dict[str, Any] = {}
+        for key, value in self._config().items():
+            if isinstance(value, str) and value == "tensor":  # saved as a tensor entry
+                value = tensors.get(key, self._buffers.get(key))
+            elif key == "dim" and isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        try:
+            fresh = cls(**kwargs)
+            if self._shape is not None and self._dtype is not None:
+                fresh._bind(torch.empty(self._shape, dtype=self._dtype, device="meta"))
+        except (TypeError, ValueError, IndexError) as exc:
+            names = ", ".join(repr(f"{where}.{key}") for key in tensors)
+            raise ValueError(f"expected valid checkpoint entries {names}, got: {exc}") from exc
 
     # -- shared machinery ---------------------------------------------------
     def tolerance(self, x: Tensor) -> float:
@@ -141,7 +292,11 @@ class Constraint(nn.Module):
 
         ``(4 + log2(n)) * eps(dtype) * max over slices of (sum|x| + |total|)``, the size
         of the rounding error of a pairwise sum of ``n`` entries.
+
+        Raises:
+            TypeError: If ``x`` is not a floating point tensor.
         """
+        F._check_float_tensor(x)
         dims = self.dims(x.ndim)
         n = F._reduced_size(x.shape, dims)
         eps = torch.finfo(x.dtype).eps
@@ -191,7 +346,8 @@ class Constraint(nn.Module):
             raise ValueError(
                 f"expected at least one element in each constrained slice, got shape {shape}"
             )
-        self._bind_shape(shape)
+        with torch.device("cpu"):  # host-side checks, also under a meta default device
+            self._bind_shape(shape)
         self._shape = shape
         self._dtype = tensor.dtype
 
@@ -210,7 +366,10 @@ class Constraint(nn.Module):
         def widen_only(t: Tensor) -> Tensor:
             if id(t) in buffers and t.is_floating_point():
                 target = fn(t.new_empty(0))
-                return t.to(device=target.device, dtype=torch.promote_types(t.dtype, target.dtype))
+                dtype = torch.promote_types(t.dtype, target.dtype)
+                if t.is_meta and not target.is_meta:  # to_empty: no values to keep, loaded later
+                    return torch.empty(t.shape, dtype=dtype, device=target.device)
+                return t.to(device=target.device, dtype=dtype)
             return fn(t)
 
         if self._dtype is not None:
@@ -235,6 +394,8 @@ class Constraint(nn.Module):
             raise ValueError(
                 f"expected {what} of shape {self._shape}, got shape {tuple(value.shape)}"
             )
+        if value.is_meta:
+            return  # no values (a model built on the meta device): checked when loaded
         if value.numel() > 0 and not bool(torch.isfinite(value).all()):
             raise ValueError(f"expected a finite {what}, got non-finite entries")
         v = float(self.violation(value.detach()))
@@ -247,6 +408,17 @@ class Constraint(nn.Module):
 
     def right_inverse(self, value: Tensor, what: str = "value") -> Tensor:
         """Pre-weights whose constrained value is ``value``; ValueError if off the set."""
+        if self._shape is not None and not value.is_meta and registering_by_torch():
+            # Note [Registration by torch utilities]
+            # torch's transfer_parametrizations_and_params (and so prepare_qat) registers
+            # a registered constraint again, on the target module's own tensor, then
+            # replaces the target's pre-weights with the source's: that tensor's value
+            # is discarded, so it is projected (as init="project", non-finite entries
+            # read as 0) instead of refused. Assignments still require a value on the set.
+            with torch.no_grad():
+                value = torch.where(torch.isfinite(value), value, 0.0)
+                if not float(self.violation(value)) <= self.tolerance(value):
+                    value = self.project(value)
         self.check_member(value, what)
         if self._dtype is not None:
             value = value.to(self._dtype)
@@ -261,7 +433,10 @@ class _TotalMixin(Constraint):
     def __init__(self, total: Total, dim: Dim | None) -> None:
         super().__init__(dim)
         if isinstance(total, Tensor):
-            F._check_total(total, tuple(total.shape), ())  # finiteness and dtype only
+            # A meta total (a model built on the meta device) has no values yet: they are
+            # checked when a checkpoint is loaded into it.
+            checked = total.new_zeros(total.shape, device="cpu") if total.is_meta else total
+            F._check_total(checked, tuple(total.shape), ())  # finiteness and dtype only
             t = total.detach().clone()
             if not t.dtype.is_floating_point:
                 t = t.to(torch.get_default_dtype())
@@ -277,7 +452,8 @@ class _TotalMixin(Constraint):
 
     def _bind(self, tensor: Tensor) -> None:
         super()._bind(tensor)
-        F._check_total_range(self.total, F._compute_dtype(tensor.dtype))
+        if _has_values(self.total):
+            F._check_total_range(self.total, F._compute_dtype(tensor.dtype))
 
     def _bind_shape(self, shape: tuple[int, ...]) -> None:
         dims = self.dims(len(shape))
@@ -414,7 +590,8 @@ class Simplex(_TotalMixin):
         temperature: float = 1.0,
     ) -> None:
         super().__init__(total, dim)
-        F._check_positive(self.total, "total")
+        if _has_values(self.total):
+            F._check_positive(self.total, "total")
         if method not in _SIMPLEX_METHODS:
             raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
         self.method: SimplexMethod = method
@@ -495,7 +672,8 @@ class BoxSum(_TotalMixin):
     def _bind_shape(self, shape: tuple[int, ...]) -> None:
         super()._bind_shape(shape)
         n = F._reduced_size(shape, self.dims(len(shape)))
-        F._check_box(self.total, n, self.lower, self.upper)
+        if _has_values(self.total):
+            F._check_box(self.total, n, self.lower, self.upper)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

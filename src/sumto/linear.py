@@ -32,11 +32,16 @@ def _as_float64(value: Any, name: str, ndim: int) -> tuple[Tensor, float]:
     if isinstance(value, Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"expected {name} to be a real tensor, got dtype {value.dtype}")
+        if value.is_meta:
+            raise ValueError(
+                f"expected {name} with values, got a meta tensor: create A and b on a real "
+                "device (the constrained weights may be on the meta device)"
+            )
         dtype = value.dtype
         t = value.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(value, Sequence) and not isinstance(value, str):
         try:
-            t = torch.tensor(value, dtype=torch.float64)
+            t = torch.tensor(value, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(
                 f"expected {name} to be a tensor or a nested sequence of numbers, got {value!r}"
@@ -60,7 +65,7 @@ def _as_float64(value: Any, name: str, ndim: int) -> tuple[Tensor, float]:
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Disable autocast for ``device`` (a matmul under CPU autocast would run in bf16)."""
-    if torch.is_autocast_enabled(device.type):
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):  # meta: no autocast
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -173,7 +178,8 @@ class LinearEquality(Constraint):
         self.rank = rank
         self.num_equations = m
         self.size = n
-        # Derived tensors are not saved: the configuration (A, b, dim) is, as extra state.
+        # Derived tensors are not saved: the configuration (A, b, dim) is, in the state_dict
+        # metadata (Note [Constraint configuration in state_dict metadata]).
         self.register_buffer("basis", basis, persistent=False)
         self.register_buffer("offset", offset, persistent=False)
         self.register_buffer("coefficients", a_eff, persistent=False)
@@ -217,11 +223,11 @@ class LinearEquality(Constraint):
         sizes = _check_kernel_size(kernel_size)
         n = math.prod(sizes)
         centre = n // 2  # row-major flat index of the centre of an odd cube
-        a = torch.ones(2, n, dtype=torch.float64)
+        a = torch.ones(2, n, dtype=torch.float64, device="cpu")  # even under a meta device
         a[0] = 0.0
         a[0, centre] = 1.0
         a[1, centre] = 0.0
-        b = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+        b = torch.tensor([-1.0, 1.0], dtype=torch.float64, device="cpu")
         return cls(a, b, dim=tuple(range(-len(sizes), 0)))
 
     # -- constraint interface ---------------------------------------------------
@@ -276,6 +282,8 @@ class LinearEquality(Constraint):
 
     def _bind(self, tensor: Tensor) -> None:
         super()._bind(tensor)
+        if tensor.is_meta:
+            return  # keep the values: to_empty(device=...) moves them (Constraint._apply)
         # Keep the float64 precomputation, on the tensor's device (float32 on MPS).
         acc = _accumulate_dtype(tensor)
         for name in ("basis", "offset", "coefficients", "rhs"):
@@ -401,10 +409,9 @@ def bayar(conv: nn.Module, name: str = "weight", init: Init = "project") -> nn.M
         >>> bool((w.sum((2, 3)).abs() < 1e-5).all())  # -1 + 1 per kernel
         True
     """
-    tensor = _plain_tensor(conv, name)
-    if tensor.ndim < 3:
+    shape = tuple(_plain_tensor(conv, name).shape)  # no reference kept: see constrain
+    if len(shape) < 3:
         raise ValueError(
-            f"expected {name} of a convolution, shaped (out, in, k, k), got shape "
-            f"{tuple(tensor.shape)}"
+            f"expected {name} of a convolution, shaped (out, in, k, k), got shape {shape}"
         )
-    return constrain(conv, name, LinearEquality.bayar(tuple(tensor.shape[2:])), init)
+    return constrain(conv, name, LinearEquality.bayar(shape[2:]), init)

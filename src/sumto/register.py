@@ -1,23 +1,37 @@
 """Helpers that register a constraint on ``module.<name>`` and return the module.
 
 They wrap :func:`torch.nn.utils.parametrize.register_parametrization` and add what it
-lacks for sum constraints (see ``shared/PITFALLS.md``): the tensor is validated, its
-value is projected onto the set (or set exactly from ``init``) *before* the inverse
-map runs, later assignments are checked, and a load-state-dict pre-hook lets plain
-checkpoints (key ``<name>``) load into the constrained module.
+lacks for sum constraints: the tensor is validated (tied and shared objects are
+refused), its value is projected onto the set (or set exactly from ``init``) *before*
+the inverse map runs, later assignments are checked, and a load-state-dict pre-hook
+validates checkpoints before anything is copied and lets plain checkpoints (key
+``<name>``) load into the constrained module. The documentation's Pitfalls page lists
+what torch's parametrizations do not do for you.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import sys
+import weakref
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sumto.constraints import AffineSum, BoxSum, Constraint, Simplex, SimplexMethod
+from sumto._compat import inject_property
+from sumto.constraints import (
+    CONFIG_METADATA_KEY,
+    AffineSum,
+    BoxSum,
+    Constraint,
+    Simplex,
+    SimplexMethod,
+)
 from sumto.functional import Dim, Total
 from sumto.step import _projected_report
 
@@ -57,6 +71,103 @@ def _plain_tensor(module: nn.Module, name: str) -> Tensor:
     return tensor
 
 
+# Constraints registered by `constrain`: constraint -> (weak owner, tensor name).
+_REGISTERED: Any = weakref.WeakKeyDictionary()
+
+
+def _registered_on(constraint: Constraint) -> str | None:
+    """``"<Class>.<name>"`` if ``constraint`` is still registered on a tensor, else ``None``."""
+    entry = _REGISTERED.get(constraint)
+    owner = entry[0]() if entry is not None else None
+    if owner is None or not parametrize.is_parametrized(owner, entry[1]):
+        return None
+    if not any(p is constraint for p in _plist(owner, entry[1])):
+        return None  # baked or removed since
+    return f"{type(owner).__name__}.{entry[1]}"
+
+
+def _check_not_registered(constraint: Constraint) -> None:
+    where = _registered_on(constraint)
+    if where is not None:
+        raise ValueError(
+            f"expected a constraint object that constrains no other tensor, got one already "
+            f"registered on {where}: a constraint is a module with one owner (a shared one "
+            "is saved twice and breaks FSDP wrapping, and each tensor records its own shape); "
+            "pass a new constraint per tensor, e.g. copy.deepcopy(constraint)"
+        )
+
+
+def _refcount_baseline() -> int:
+    """``sys.getrefcount`` of a parameter held by one module and one local variable."""
+    probe = nn.Module()
+    tensor = nn.Parameter(torch.zeros(()))
+    probe.register_parameter("probe", tensor)
+    return sys.getrefcount(tensor)
+
+
+_BASELINE: list[int] = []
+
+
+def _other_holders(module: nn.Module, name: str, tensor: Tensor, refcount: int) -> list[str]:
+    """Other names under which a module holds ``tensor`` (tied weights), for messages.
+
+    ``refcount`` is ``sys.getrefcount(tensor)`` measured where ``tensor`` is a local
+    variable: searching every object for referrers is slow, so it is done only when
+    something besides the module refers to the tensor (another module, an optimizer,
+    a variable of the caller).
+    """
+    found = [
+        f"{key!r} of the same module"
+        for key, value in (*module._parameters.items(), *module._buffers.items())
+        if value is tensor and key != name
+    ]
+    if not _BASELINE:
+        _BASELINE.append(_refcount_baseline())
+    if refcount <= _BASELINE[0]:
+        return found
+    own = (module._parameters, module._buffers)
+    for holder in gc.get_referrers(tensor):
+        if not isinstance(holder, dict) or any(holder is d for d in own):
+            continue
+        keys = [k for k, v in holder.items() if v is tensor]
+        if not keys:
+            continue
+        for referrer in gc.get_referrers(holder):
+            other = _module_with_state(referrer, holder)
+            if other is not None:
+                found += [f"{k!r} of another {other}" for k in keys]
+                break
+    return found
+
+
+def _module_with_state(referrer: Any, state: dict[str, Any]) -> str | None:
+    """Class name of the module whose ``_parameters``/``_buffers`` is ``state``, if any."""
+    if isinstance(referrer, nn.Module):
+        is_state = referrer._parameters is state or referrer._buffers is state
+        return type(referrer).__name__ if is_state else None
+    if isinstance(referrer, dict) and (
+        referrer.get("_parameters") is state or referrer.get("_buffers") is state
+    ):
+        owners = [m for m in gc.get_referrers(referrer) if isinstance(m, nn.Module)]
+        return type(owners[0]).__name__ if owners else "module"
+    return None
+
+
+def _check_untied(module: nn.Module, name: str, tensor: Tensor, refcount: int) -> None:
+    holders = _other_holders(module, name, tensor, refcount)
+    if holders:
+        owner = type(module).__name__
+        raise ValueError(
+            f"expected {owner}.{name} to be held by this module alone, got a tensor also held "
+            f"as {', '.join(holders)} (tied weights, e.g. dec.weight = enc.weight): "
+            "constraining one holder would untie them, the other reading the unconstrained "
+            f"pre-weights. Untie them (give the other its own nn.Parameter), constrain "
+            f"{owner}.{name}, then tie the other to the constrained weight with "
+            f"torch.nn.utils.parametrize.transfer_parametrizations_and_params(<this module>, "
+            f"<other module>, {name!r})"
+        )
+
+
 def constrain(
     module: nn.Module, name: str, constraint: Constraint, init: Init = "project"
 ) -> nn.Module:
@@ -71,7 +182,8 @@ def constrain(
         constraint: A :class:`sumto.Constraint` instance (not shared with another tensor).
         init: ``"project"`` keeps the current value if it already satisfies the
             constraint and otherwise projects it onto the set; a tensor sets that
-            exact constrained value.
+            exact constrained value. On the meta device nothing is checked or set:
+            call ``to_empty`` and load a checkpoint.
 
     Returns:
         ``module``, with ``module.<name>`` constrained.
@@ -80,9 +192,10 @@ def constrain(
         KeyError: If ``module`` has no tensor called ``name``.
         IndexError: If the constraint's dims are out of range for the tensor.
         TypeError: If the tensor is not floating point or an argument has the wrong type.
-        ValueError: If the tensor is already parametrized, the constraint's set is
-            empty for this shape, or ``init`` has the wrong shape or violates the
-            constraint.
+        ValueError: If the tensor is already parametrized or also held by another
+            module (tied weights), the constraint object is already registered on
+            another tensor, the constraint's set is empty for this shape, or ``init``
+            has the wrong shape or violates the constraint.
 
     Example:
         >>> import torch
@@ -96,32 +209,37 @@ def constrain(
         raise TypeError(
             f"expected constraint to be a sumto.Constraint, got {type(constraint).__name__}"
         )
+    _check_not_registered(constraint)
     tensor = _plain_tensor(module, name)
+    refcount = sys.getrefcount(tensor)  # measured as in _refcount_baseline
+    _check_untied(module, name, tensor, refcount)
     constraint._bind(tensor)
     with torch.no_grad():
         if isinstance(init, str) and init == "project":
             value = tensor.detach()
-            if value.numel() > 0 and not bool(torch.isfinite(value).all()):
+            if value.is_meta:
+                pass  # no values yet: to_empty and a checkpoint load set them
+            elif value.numel() > 0 and not bool(torch.isfinite(value).all()):
                 raise ValueError(
                     f"expected a finite {type(module).__name__}.{name} to project with "
                     "init='project', got non-finite entries; pass init=<a value on the set>"
                 )
-            if not float(constraint.violation(value)) <= constraint.tolerance(value):
+            elif not float(constraint.violation(value)) <= constraint.tolerance(value):
                 value = constraint.project(value)
                 # Named here: right_inverse would only say "value" (e.g. a box projection
                 # of huge entries loses the sum to rounding).
                 what = f"{type(module).__name__}.{name} projected with init='project'"
                 constraint.check_member(value, what)
         elif isinstance(init, Tensor):
-            value = init.detach().to(device=tensor.device)
-            constraint.check_member(value, "init")
-            value = value.to(tensor.dtype)
+            constraint.check_member(init.detach(), "init")
+            value = init.detach().to(device=tensor.device, dtype=tensor.dtype)
         else:
             raise ValueError(f"expected init to be 'project' or a tensor, got {init!r}")
         # Pre-weights computed here, on the set: right_inverse never sees the raw init
         # (a softmax right_inverse of a mostly negative weight gives dead pre-weights).
         tensor.copy_(value)
     parametrize.register_parametrization(module, name, constraint)
+    _REGISTERED[constraint] = (weakref.ref(module), name)
     _install_load_hook(module)
     _install_copy_hooks(module)
     return module
@@ -276,7 +394,54 @@ def _sumto_names(module: nn.Module) -> list[str]:
     return [name for name, plist in plists.items() if any(isinstance(p, Constraint) for p in plist)]
 
 
-def _load_plain_checkpoint_hook(
+def _check_checkpoint_entries(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """Validate every sumto entry of the checkpoint for ``module``; nothing is copied.
+
+    Reads the configurations from the module's state_dict metadata (or from the
+    ``_extra_state`` entries of older checkpoints, which are removed), see
+    Note [Constraint configuration in state_dict metadata].
+    """
+    metadata = local_metadata if isinstance(local_metadata, Mapping) else {}
+    saved_configs = metadata.get(CONFIG_METADATA_KEY, {})
+    if not isinstance(saved_configs, Mapping):
+        raise ValueError(
+            f"expected the saved sumto configurations of {prefix[:-1] or 'the module'!r} to "
+            f"be a dict, got {type(saved_configs).__name__}"
+        )
+    # torch writes "version" into the metadata of every module it saves: a state_dict
+    # with metadata but no configuration for a constraint was saved without it.
+    saved_with_metadata = "version" in metadata
+    for name in _sumto_names(module):
+        plist = _plist(module, name)
+        original_key = f"{prefix}parametrizations.{name}.original"
+        original = state_dict.get(original_key)
+        shape = plist[0]._shape if isinstance(plist[0], Constraint) else None
+        if isinstance(original, Tensor) and shape is not None and tuple(original.shape) != shape:
+            raise ValueError(
+                f"expected checkpoint entry {original_key!r} of shape {shape}, got shape "
+                f"{tuple(original.shape)}"
+            )
+        for index, p in enumerate(plist):
+            if not isinstance(p, Constraint):
+                continue
+            rel = f"parametrizations.{name}.{index}"
+            legacy = state_dict.pop(f"{prefix}{rel}._extra_state", None)
+            saved = saved_configs.get(rel, legacy)
+            if saved is None and saved_with_metadata and original_key in state_dict:
+                raise ValueError(
+                    f"expected checkpoint entry {original_key!r} saved with "
+                    f"{type(p).__name__}({p.extra_repr()}), got pre-weights saved without a "
+                    "sumto constraint (another parametrization): they would change meaning; "
+                    "load into a model built like the one saved"
+                )
+            keys = {n: f"{prefix}{rel}.{n}" for n in p._state_names()}
+            tensors = {n: state_dict[key] for n, key in keys.items() if key in state_dict}
+            p._check_checkpoint(saved, tensors, prefix + rel)
+
+
+def _load_checkpoint_hook(
     module: nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
@@ -286,11 +451,14 @@ def _load_plain_checkpoint_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Route a plain ``<name>`` checkpoint entry through ``right_inverse``.
+    """Validate the sumto entries, then route plain ``<name>`` entries through ``right_inverse``.
 
-    The parametrizations' own state (constraint configuration, tensor totals) is
-    absent from a plain checkpoint: the module's current one is used for it.
+    A load pre-hook of the module owning the constrained tensors: it runs before any
+    tensor of the module (its own and its parametrizations') is copied, so a refused
+    load leaves them all as they were. The parametrizations' own state (configuration,
+    tensor totals) is absent from a plain checkpoint: the module's current one is used.
     """
+    _check_checkpoint_entries(module, state_dict, prefix, local_metadata)
     for name in _sumto_names(module):
         plain_key = prefix + name
         original_key = f"{prefix}parametrizations.{name}.original"
@@ -312,7 +480,7 @@ def _load_plain_checkpoint_hook(
 
 def _install_load_hook(module: nn.Module) -> None:
     if not getattr(module, "_sumto_load_hook_installed", False):
-        module.register_load_state_dict_pre_hook(_load_plain_checkpoint_hook)  # type: ignore[no-untyped-call]
+        module.register_load_state_dict_pre_hook(_load_checkpoint_hook)  # type: ignore[no-untyped-call]
         object.__setattr__(module, "_sumto_load_hook_installed", True)
 
 
@@ -347,7 +515,10 @@ def _deepcopy_with_own_class(self: nn.Module, memo: dict[int, Any]) -> nn.Module
     own = {k: v for k, v in cls.__dict__.items() if k not in (*names, "__dict__", "__weakref__")}
     replica.__class__ = type(cls.__name__, cls.__bases__, own)
     for name in names:
-        parametrize._inject_property(replica, name)  # type: ignore[no-untyped-call]
+        inject_property(replica, name)
+        for p in _plist(replica, name):
+            if isinstance(p, Constraint):
+                _REGISTERED[p] = (weakref.ref(replica), name)
     return replica
 
 

@@ -58,6 +58,18 @@ def _project_in_place(param: Tensor, constraint: Constraint) -> None:
         param.copy_(constraint.project(param.detach()))
 
 
+def _project_unless_member(param: Tensor, constraint: Constraint) -> None:
+    """Project ``param`` unless it is on the set already (within rounding), a host sync.
+
+    A projection is not bit-idempotent: projecting a value loaded from a checkpoint,
+    already projected after its last step, would move it by an ulp and make a resumed
+    run differ from an uninterrupted one.
+    """
+    value = param.detach()
+    if not float(constraint.violation(value)) <= constraint.tolerance(value):  # NaN: projected
+        _project_in_place(param, constraint)
+
+
 def project_on_step(
     optimizer: torch.optim.Optimizer, param: Tensor, constraint: Constraint
 ) -> _ProjectionHandle:
@@ -68,7 +80,8 @@ def project_on_step(
         \lVert v - w \rVert_2 \quad \text{after each step}
 
     ``constraint.project`` is applied in place (under ``no_grad``), batched over the
-    slices of ``constraint``; it runs from a step post-hook
+    slices of ``constraint``, now unless ``param`` is on the set already (so attaching
+    after loading a checkpoint leaves the loaded values bit-identical); it runs from a step post-hook
     (:meth:`torch.optim.Optimizer.register_step_post_hook`), so a step skipped by a
     ``GradScaler`` is not followed by a projection either. Works with every
     :class:`sumto.Constraint`, whatever its map: for :class:`sumto.Simplex` the
@@ -100,9 +113,10 @@ def project_on_step(
     Raises:
         TypeError: If an argument has the wrong type, or ``param`` is not floating
             point.
-        ValueError: If ``param`` is not in the optimizer's param groups, or the
+        ValueError: If ``param`` is not in the optimizer's param groups, the
             constraint does not fit its shape (e.g. the wrong number of entries per
-            slice, or an empty set).
+            slice, or an empty set), or it is registered on a tensor as a
+            parametrization.
         IndexError: If the constraint's dims are out of range for ``param``.
 
     Example:
@@ -141,8 +155,11 @@ def project_on_step(
             "expected an initialised parameter, got an uninitialised one: run one forward "
             "pass of the lazy module first"
         )
+    from sumto.register import _check_not_registered  # register imports this module
+
+    _check_not_registered(constraint)
     constraint._bind(param)
-    _project_in_place(param, constraint)
+    _project_unless_member(param, constraint)
 
     def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         _project_in_place(param, constraint)

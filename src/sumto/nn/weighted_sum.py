@@ -260,6 +260,11 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         for key in (prefix + _ORIGINAL, prefix + "weights"):
             value = state_dict.get(key)
             if isinstance(value, Tensor) and value.ndim >= 1 and not is_lazy(value):
+                if value.shape[0] < 1:
+                    raise ValueError(
+                        f"expected checkpoint entry {key!r} with K >= 1 rows, one per input, "
+                        f"got shape {tuple(value.shape)}"
+                    )
                 with torch.no_grad():
                     self._create_weights(value.shape[0], None)
                 return
