@@ -8,7 +8,7 @@ for the simplex), so that a bug in the library cannot hide in its own reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -143,3 +143,97 @@ def assert_close_scaled(
     err = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
     tol = k * torch.finfo(dtype).eps * scale
     assert err <= tol, f"max abs error {err:.3g} exceeds {tol:.3g} ({dtype})"
+
+
+# ---------------------------------------------------------------------------
+# Jacobians and error bounds shared by the search and transform tests
+# ---------------------------------------------------------------------------
+
+
+def ref_free_set(x: Tensor, total: float | Tensor, lower: float, upper: float) -> Tensor:
+    """Boolean free set ``{lower < y < upper}`` of the reference projection of a 1-D ``x``."""
+    if math.isinf(lower) and math.isinf(upper):
+        return torch.ones_like(x, dtype=torch.bool)
+    y = ref_project_box_sum(x.double().reshape(1, -1), _scalar(total), (-1,), lower, upper)[0]
+    return (y > lower) & (y < upper)
+
+
+def ref_clamp_shift_jacobian(
+    x: Tensor, total: float | Tensor, lower: float, upper: float
+) -> tuple[Tensor, Tensor]:
+    """Jacobians of ``clamp(x - tau, lower, upper)`` (sum ``total``) at a 1-D ``x``, float64.
+
+    On the free set ``F`` of the reference projection the output is ``x - tau`` with
+    ``tau = (sum_F x - c') / |F|``, so ``dy/dx = I_F - 1_F 1_F^T / |F|`` and
+    ``dy/dc = 1_F / |F|``; entries on a bound are constant. Valid away from kinks
+    (no entry of ``x - tau`` on a bound), which :func:`kink_margin` measures.
+    """
+    free = ref_free_set(x, total, lower, upper).double()
+    count = float(free.sum())
+    jac_x = torch.diag(free) - torch.outer(free, free) / max(count, 1.0)
+    return jac_x, free / max(count, 1.0)
+
+
+def kink_margin(x: Tensor, total: float | Tensor, lower: float, upper: float) -> float:
+    """Distance of the reference ``x - tau`` (1-D ``x``) to the nearest finite bound."""
+    if math.isinf(lower) and math.isinf(upper):
+        return math.inf
+    rows = x.double().reshape(1, -1)
+    y = ref_project_box_sum(rows, _scalar(total), (-1,), lower, upper)[0]
+    free = (y > lower) & (y < upper)
+    # the unclamped value x - tau: on F it is y; off F it is x - tau with the same tau
+    tau = float((rows[0] - y)[free].mean()) if bool(free.any()) else math.nan
+    if math.isnan(tau):
+        return 0.0
+    shifted = rows[0] - tau
+    distances = [(shifted - b).abs().min() for b in (lower, upper) if math.isfinite(b)]
+    return float(min(distances))
+
+
+def fd_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, step: float = 1e-6) -> Tensor:
+    """Central finite-difference Jacobian of ``fn`` (float64 in, any shape out) at ``x``.
+
+    Returns a ``(*out_shape, *x_shape)`` tensor, like ``torch.func.jacrev``.
+    """
+    x = x.detach().double()
+    columns = []
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).reshape(-1)
+        e[i] = step
+        e = e.reshape(x.shape)
+        columns.append((fn(x + e).detach() - fn(x - e).detach()) / (2 * step))
+    out_shape = columns[0].shape
+    return torch.stack(columns, -1).reshape(*out_shape, *x.shape)
+
+
+def _scalar(total: float | Tensor) -> float:
+    return float(total) if isinstance(total, Tensor) else total
+
+
+def compute_eps(dtype: torch.dtype) -> float:
+    """eps of the dtype sumto computes in (float32 for half precision inputs)."""
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.finfo(wide).eps
+
+
+def assert_projection_close(
+    actual: Tensor,
+    expected: Tensor,
+    scale: float,
+    k: float = 8.0,
+    what: str = "",
+    absolute: float = 0.0,
+) -> None:
+    """``|actual - expected| <= k (1 + log2 n) eps(compute) scale + eps(actual) |expected|``.
+
+    ``scale`` is the magnitude the computation rounds at (``max |x|``, ``|total|``,
+    the bounds); the second term is the final rounding to ``actual``'s dtype;
+    ``absolute`` is added to the bound as is.
+    """
+    n = actual.shape[-1] if actual.ndim > 0 else 1
+    exp = expected.double()
+    bound = k * (1 + math.log2(max(n, 1))) * compute_eps(actual.dtype) * max(scale, 1e-30)
+    bound += absolute
+    err = (actual.double() - exp).abs() - torch.finfo(actual.dtype).eps * exp.abs()
+    worst = float(err.max()) if err.numel() else 0.0
+    assert worst <= bound, f"{what}: max error {worst:.3g} exceeds {bound:.3g} ({actual.dtype})"

@@ -27,6 +27,7 @@ from reference import (
     tolerance,
     total_rows,
 )
+from sumto import AffineSum, BoxSum, Simplex
 from sumto.functional import project_box_sum, project_simplex, project_sum, sum_violation
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -630,3 +631,148 @@ def test_projections_never_return_nan_on_finite_input(fn: Callable[..., Tensor])
     y = fn(x)
     assert bool(torch.isfinite(y).all())
     assert_sums(y[1:], 1.0, (-1,))
+
+
+# ---------------------------------------------------------------------------
+# wide and one-sided boxes, forward mode, vmap, non-finite rows, identities
+# ---------------------------------------------------------------------------
+
+
+def _randn(seed: int, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("upper", [100.0, 1e4, 1e6])
+def test_box_sum_with_a_wide_upper_bound_keeps_the_total(upper: float) -> None:
+    # The upper bound far from the data must not enter the rounding of the sums.
+    x = _randn(0, 1024, 512)
+    y = project_box_sum(x, 1.0, lower=0.0, upper=upper)
+    assert_sums(y, 1.0, (-1,))
+    assert bool((y >= 0).all())
+    expected = ref_project_box_sum(x.double(), 1.0, (-1,), 0.0, upper)
+    assert float((y.double() - expected).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize(("lower", "upper"), [(-1e4, math.inf), (-math.inf, 1e4)])
+def test_box_sum_with_one_far_finite_bound_keeps_the_total(lower: float, upper: float) -> None:
+    x = _randn(1, 1024, 512)
+    y = project_box_sum(x, 1.0, lower=lower, upper=upper)
+    assert_sums(y, 1.0, (-1,))
+    # the bound is inactive: the projection is the affine one
+    expected = ref_project_sum(x.double(), 1.0)
+    assert float((y.double() - expected).abs().max()) <= 1e-5
+
+
+def test_box_sum_with_an_upper_bound_beyond_float32_is_one_sided() -> None:
+    x = torch.tensor([[-1.9954, -0.3385]])
+    expected = torch.tensor([[0.0, 1.0]])
+
+    def fn(v: Tensor) -> Tensor:
+        return project_box_sum(v, 1.0, lower=0.0, upper=1e30)
+
+    assert torch.equal(fn(x), expected)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), expected)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_jacfwd_of_the_simplex_projection_is_the_support_projector() -> None:
+    x = torch.tensor([0.5, 0.3, -0.2, 0.1], dtype=torch.float64)
+    support = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # tau = -0.0333
+    expected = torch.diag(support) - torch.outer(support, support) / 3
+    torch.testing.assert_close(torch.func.jacfwd(project_simplex)(x), expected)
+    torch.testing.assert_close(torch.func.jacrev(project_simplex)(x), expected)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda v: project_sum(v, 1.0),
+        lambda v: AffineSum(total=1.0)(v),
+        lambda v: project_box_sum(v, 1.0, lower=-1.0, upper=1.0),
+        lambda v: BoxSum(total=1.0, lower=-1.0, upper=1.0)(v),
+        lambda v: project_box_sum(v, 1.0, lower=-1.0),
+        lambda v: BoxSum(total=1.0, upper=1.0)(v),
+    ],
+    ids=["project_sum", "AffineSum", "project_box_sum", "BoxSum", "box-lower", "BoxSum-upper"],
+)
+def test_forward_mode_ad_equals_reverse_mode(fn: Callable[[Tensor], Tensor]) -> None:
+    x = torch.tensor([0.4, -0.3, 0.9, 0.05], dtype=torch.float64)
+    jac = torch.func.jacrev(fn)(x)
+    assert float((jac - torch.eye(4, dtype=torch.float64)).abs().max()) > 0.1  # not identity
+    torch.testing.assert_close(torch.func.jacfwd(fn)(x), jac)
+    tangent = torch.tensor([1.0, -2.0, 0.5, 0.25], dtype=torch.float64)
+    _, dy = torch.func.jvp(fn, (x,), (tangent,))
+    torch.testing.assert_close(dy, jac @ tangent)
+
+
+def test_vmap_of_the_box_projection_without_grad() -> None:
+    x = _randn(2, 6, 5)
+    assert not x.requires_grad
+    got = torch.vmap(lambda v: project_box_sum(v, 1.0, lower=-1.0, upper=1.0))(x)
+    torch.testing.assert_close(got, project_box_sum(x, 1.0, lower=-1.0, upper=1.0))
+    expected = ref_project_box_sum(x.double(), 1.0, (-1,), -1.0, 1.0)
+    assert float((got.double() - expected).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda v, c: project_sum(v, c),
+        lambda v, c: project_simplex(v, c),
+        lambda v, c: project_box_sum(v, c, lower=-1.0, upper=1.0),
+        lambda v, c: project_box_sum(v, c, lower=-1.0),
+    ],
+    ids=["project_sum", "project_simplex", "project_box_sum", "box-lower"],
+)
+def test_vmap_over_a_tensor_total(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    x = _randn(3, 3, 5)
+    totals = torch.tensor([0.5, 1.0, 2.0])
+    got = torch.func.vmap(fn)(x, totals)
+    torch.testing.assert_close(got, fn(x, totals.reshape(3, 1)))
+    assert_sums(got, totals.reshape(3, 1), (-1,))
+
+
+def test_box_sum_is_the_identity_on_a_point_with_every_entry_on_a_bound() -> None:
+    assert torch.equal(BoxSum(total=8, lower=0, upper=1)(torch.ones(8)), torch.ones(8))
+    assert torch.equal(project_box_sum(torch.ones(8), 8.0, lower=0.0, upper=1.0), torch.ones(8))
+    assert torch.equal(
+        project_box_sum(-torch.ones(2, 8), -16.0, lower=-2.0, upper=1.0), -torch.ones(2, 8) * 2.0
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("total", [0.01, 1.0, 10.0])
+def test_sparsemax_is_the_identity_on_the_simplex(total: float, dtype: torch.dtype) -> None:
+    constraint = Simplex(total=total, dim=-1, method="sparsemax")
+    eps = torch.finfo(dtype).eps
+    for seed in range(20):
+        v = torch.rand(6, 9, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        v[:, ::3] = 0.0  # sparse points, the vertex too
+        v[0] = 0.0
+        v[0, 4] = 1.0
+        v = (v / v.sum(-1, keepdim=True) * total).to(dtype)
+        y = constraint(v)
+        # within one ulp of the row's largest entry
+        err = (y - v).abs().amax(-1) / (eps * v.abs().amax(-1))
+        assert float(err.max()) <= 1.0, f"seed {seed}: {float(err.max()):.3g} ulp"
+        if float(torch.tensor(total, dtype=dtype)) == total:
+            # a vertex whose sum is exact in the dtype stays a vertex (else its
+            # projection spreads the rounding of the total, as it should)
+            assert torch.equal(y[0], v[0])
+
+
+def test_an_all_negative_infinite_row_projects_to_the_uniform_row() -> None:
+    x = torch.full((2, 4), -math.inf)
+    x[1] = _randn(4, 4)
+    y = project_simplex(x, 2.0)
+    assert torch.equal(y[0], torch.full((4,), 0.5))
+    torch.testing.assert_close(y[1], ref_project_simplex(x[1:].double(), 2.0)[0].float())
+    sparsemax = Simplex(method="sparsemax", dim=-1)
+    assert torch.equal(sparsemax(torch.full((3, 4), -math.inf)), torch.full((3, 4), 0.25))
+    # one -inf entry gets nothing; the rest of the row is projected as without it
+    z = project_simplex(torch.tensor([-math.inf, 0.5, 0.25, -1.0]), 1.0)
+    assert torch.equal(z, torch.tensor([0.0, 0.625, 0.375, 0.0]))
