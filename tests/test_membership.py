@@ -65,7 +65,7 @@ FAMILIES: dict[str, Callable[[float, int], Constraint | None]] = {
 }
 # A box [0, c (1 + 2 / n)]: the largest pre-weight takes nearly all of the total, a
 # free entry a little below the upper bound, a slack far below the pre-weights' scale
-# (see the xfail below).
+# (see test_produced_values_are_members_in_narrow_boxes).
 NARROW_BOX = "BoxSum-narrow"
 FAMILIES[NARROW_BOX] = lambda c, n: (
     BoxSum(total=c, dim=-1, lower=0.0, upper=c * (1 + 2 / n)) if c > 0 else None
@@ -122,12 +122,6 @@ def test_produced_values_are_members(problem: tuple[str, float, Tensor]) -> None
     check_round_trip(*problem)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tau is rounded to x's dtype and x - tau evaluated at the pre-weights' scale: "
-    "free entries within ulp(x) of a bound are misclassified and the refinement re-clamps, "
-    "so the output misses the total by up to ulp(x) (far beyond its own tolerance)",
-)
 @settings(max_examples=60, deadline=None)
 @given(problem=problems([NARROW_BOX]))
 @example(problem=(NARROW_BOX, 1e-3, pre_weights(0, 1, 289, 100.0, torch.float32)))

@@ -205,7 +205,8 @@ def check_tau(x: Tensor, total: Total, lower: float, upper: float, expected: Ten
     (Note [Sum refinement]), so the output checks need no such term.
     """
     tau = _search.threshold(x, as_column(total, x), lower, upper)
-    assert tau.shape == (*x.shape[:-1], 1) and tau.dtype == x.dtype
+    # the sort searches return float64 tau (subtracted in two parts by the assembly)
+    assert tau.shape == (*x.shape[:-1], 1) and tau.dtype in (x.dtype, torch.float64)
     assert not bool(tau.isnan().any())
     y = (x.double() - tau.double()).clamp(lower, upper)
     finite = torch.where(torch.isfinite(x), x, 0).double()
@@ -277,33 +278,24 @@ def test_one_sided_search_matches_the_bisection_reference(
 
 
 # ---------------------------------------------------------------------------
-# two-sided boxes (sorted breakpoints; "newton" falls back to it)
+# two-sided boxes (sorted breakpoints, and Newton's method on eager CPU)
 # ---------------------------------------------------------------------------
 
 
-ROUNDED_TAU = (
-    "tau is rounded to x's dtype and x - tau evaluated at x's scale (ulp 32 for entries "
-    "near 4e8): the entry on the upper bound lands on the lower one, no entry is free, "
-    "and the refinement's spread-and-reclamp misses the total by 0.002"
-)
-
-
 def box_params() -> list[object]:
-    params: list[object] = []
-    for name in BOX_CASES:
-        for dtype in DTYPES:
-            marks = []
-            if name == "geometric" and dtype == torch.float32:
-                marks = [pytest.mark.xfail(strict=True, reason=ROUNDED_TAU)]
-            params.append(pytest.param(name, dtype, marks=marks, id=f"{name}-{dtype}"))
-    return params
+    return [
+        pytest.param(name, dtype, id=f"{name}-{dtype}") for name in BOX_CASES for dtype in DTYPES
+    ]
 
 
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize(("name", "dtype"), box_params())
-def test_box_search_matches_the_bisection_reference(name: str, dtype: torch.dtype) -> None:
+def test_box_search_matches_the_bisection_reference(
+    name: str, dtype: torch.dtype, search: str
+) -> None:
     x, total, lower, upper = BOX_CASES[name](dtype)
     expected = box_reference(name, dtype, False)
-    with _search.forced("sort"):
+    with _search.forced(search):  # type: ignore[arg-type]
         check_tau(x, total, lower, upper, expected)
         y = project_box_sum(x, total, lower=lower, upper=upper)
     assert_projection_close(y, expected, scale_of(x, total, lower, upper), what=name)
@@ -323,12 +315,15 @@ def test_sort_search_keeps_long_float32_rows_in_narrow_boxes_exact(name: str) ->
     assert error <= 4 * torch.finfo(torch.float32).eps * float(x.abs().max())
 
 
-def test_forcing_newton_on_a_two_sided_box_sorts() -> None:
+def test_newton_and_sort_classify_a_two_sided_box_alike() -> None:
     x, total, lower, upper = BOX_CASES["tight-box-[0,10/n]"](torch.float32)
-    with _search.forced("sort"):
-        expected = _search.threshold(x, total, lower, upper)
-    with _search.forced("newton"):
-        assert torch.equal(_search.threshold(x, total, lower, upper), expected)
+    outputs = []
+    for search in SEARCHES:
+        with _search.forced(search):  # type: ignore[arg-type]
+            tau = _search.threshold(x, total, lower, upper)
+        outputs.append((x.double() - tau.double()).clamp(lower, upper))
+    scale = scale_of(x, total, lower, upper)
+    assert_projection_close(outputs[1].float(), outputs[0], scale, what="newton vs sort")
 
 
 # ---------------------------------------------------------------------------
@@ -402,8 +397,9 @@ def test_forced_restores_the_automatic_choice() -> None:
             assert not _search._use_newton(torch.zeros(1, 5000))
         assert _search._forced == "newton"
     assert _search._forced is None
-    assert _search._use_newton(torch.zeros(1, _search._LONG_ROW))
-    assert not _search._use_newton(torch.zeros(1, _search._LONG_ROW - 1))
+    assert _search._use_newton(torch.zeros(1, _search._LARGE))
+    assert _search._use_newton(torch.zeros(_search._LARGE // 4, 4))
+    assert not _search._use_newton(torch.zeros(1, _search._LARGE - 1))
 
 
 def test_newton_never_runs_under_transforms_compile_or_tracing() -> None:
@@ -449,11 +445,6 @@ def test_jit_trace_records_the_sort_search_and_generalises_to_new_inputs() -> No
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tau is rounded to x's dtype and x - tau evaluated at x's scale: a dominant "
-    "entry loses the whole total (uniform row) instead of taking it",
-)
 @pytest.mark.parametrize(
     ("x", "dtype"),
     [([1e10, 0.0, 0.0], torch.float32), ([1e20, 0.0, 0.0], torch.float64)],
@@ -471,11 +462,6 @@ def test_a_dominant_entry_takes_the_whole_total(
     assert torch.equal(y, shifted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tau is rounded to float32 at the scale of the entries (ulp 32 near 4e8), "
-    "above the row max: the support is lost and the row comes back uniform",
-)
 @pytest.mark.parametrize("search", SEARCHES)
 def test_top_entries_of_a_float32_geometric_row_take_the_total(search: str) -> None:
     x = (1.01 ** torch.arange(2000.0)).repeat(2, 1)  # float32, entries up to 4.3e8
@@ -486,22 +472,12 @@ def test_top_entries_of_a_float32_geometric_row_take_the_total(search: str) -> N
     assert_projection_close(y, expected, 5.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a two-sided box row whose entries all land on a bound spreads the sum error "
-    "and re-clamps: the output misses the total",
-)
 def test_a_dominant_entry_in_a_box_takes_the_whole_total() -> None:
     x = torch.tensor([1e20, 0.0, 0.0], dtype=torch.float64)
     y = project_box_sum(x, 1.0, lower=0.0, upper=2.0)
     assert torch.equal(y, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="x - tau is rounded at the scale of x (ulp 3e-5) while the free entry lies 5e-6 "
-    "below the upper bound: it is clamped, and the refinement misses the total",
-)
 def test_box_output_close_to_a_bound_keeps_the_total() -> None:
     x = torch.tensor([[341.0502624511719, 0.0]])
     y = project_box_sum(x, 1e-3, lower=0.0, upper=0.001005)
@@ -510,12 +486,6 @@ def test_box_output_close_to_a_bound_keeps_the_total() -> None:
     assert_projection_close(y, expected, 1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tau rounded at the scale of x (ulp 6e-5) makes free an entry whose exact "
-    "x - tau is -2.8e-5, below the lower bound -1e-5; the refinement pushes it out and "
-    "re-clamps, missing the total by 8.8e-6",
-)
 @pytest.mark.parametrize("search", SEARCHES)
 def test_one_sided_output_close_to_its_bound_keeps_the_total(search: str) -> None:
     x = torch.tensor([999.99993896484375, 999.998901367187])

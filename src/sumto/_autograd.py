@@ -15,22 +15,32 @@ total less the bound entries' mass); off ``F`` it is a constant bound. So
 ``grad_x = 1_F * (g - sum_F g / |F|)``, ``grad_c = sum_F g / |F|``. The map is piecewise
 linear: its second derivative is zero wherever it is differentiable.
 
-Note [One-sided rounding]
-For ``max(x - tau, l)`` (the simplex is ``l = 0``) each row is shifted by its max
-first. A free entry then lies within the output's scale of the max, so ``x - max``
-is exact for it (Sterbenz) and ``tau`` of the shifted row is of the output's scale:
-the output rounds at its own scale, however large ``x`` is (pre-weights of
-magnitude 1 projected onto a total of 0.01), and passes the membership check the
+Note [Rows shifted by their max]
+The maps are shift invariant, and each row is shifted by its (detached) max before
+the search and the assembly. Entries near the max, the ones that stay free when a
+small total is distributed among large pre-weights, then subtract exactly
+(Sterbenz), and ``tau`` of the shifted row is of the output's scale: ``x - tau``
+rounds at the scale of the output, not of ``x`` (pre-weights of magnitude 1e3
+projected onto a total of 0.01), and the output passes the membership check the
 library applies to values it is given back. An all ``-inf`` row is shifted to a zero
 row, whose projection (the uniform row) is its limit.
 
+Note [Shift in two parts]
+A ``tau`` found in float64 for float32 rows is subtracted as ``head = float32(tau)``
+and then the float32 remainder ``tau - head``: ``x - head`` is exact for entries near
+``tau`` (Sterbenz), so each entry rounds once, at its own scale. Rounding ``tau`` to
+float32 instead would move it by up to ``ulp(tau) / 2``, which can exceed the room
+between an entry and its bound when ``x`` is large.
+
 Note [Sum refinement]
-Two finite bounds do not keep free entries near the row's max: they can sit far
-below it (the largest entries at the upper bound), where ``x - tau`` rounds at the
-scale of ``x``; a nonzero lower bound alone lets free entries span the whole row. One correction from the output itself, ``y <- y - (sum(y) - c) / |F|``
-on ``F``, leaves only the rounding of the output's entries; it moves entries by a
-rounding-sized amount, so the classification and the Jacobian of
-Note [Jacobian from the free set] stay as they are.
+With two finite bounds, or a nonzero lower bound, free entries need not lie near
+the max (the largest entries sit at the upper bound, or the whole row is free), and
+``x - tau`` rounds at the scale of the row's spread. One correction from the output
+itself, ``y <- y - (sum(y) - c) / |F|`` on the free set ``F``, leaves the sum exact to
+the rounding of the output's entries; it moves entries by a rounding-sized amount,
+so the classification and the Jacobian of Note [Jacobian from the free set] stay as
+they are. The simplex (lower bound 0) needs no correction: its free entries lie
+within the total of the max.
 """
 
 from __future__ import annotations
@@ -82,27 +92,17 @@ def _free(y: Tensor, lower: float, upper: float) -> Tensor:
 
 
 def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
-    """The output, without autograd."""
-    if math.isinf(lower):  # mirror: min(x - t, u) = -max(-x + t, -u)
-        return _assemble(-x, -total, -upper, math.inf).neg_()
-    if math.isinf(upper):
-        return _assemble_one_sided(x, total, lower)
-    return _assemble_box(x, total, lower, upper)
-
-
-def _assemble_one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
-    """``max(x - tau, l)`` from rows shifted by their max (Note [One-sided rounding])."""
+    """The output, without autograd: shift, search, clamp, and Note [Sum refinement]."""
     top = x.amax(-1, keepdim=True)
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
     shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
-    tau = _search.one_sided(shifted, total, lower)
-    y = shifted.sub_(tau).clamp_min_(lower)
-    return y if lower == 0.0 else _refine(y, total, lower, math.inf)
-
-
-def _assemble_box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
-    tau = _search.box(x, total, lower, upper)
-    return _refine(torch.sub(x, tau).clamp_(lower, upper), total, lower, upper)
+    tau = _search.threshold(shifted, total, lower, upper)
+    head = tau.to(x.dtype)
+    y = shifted.sub_(head)
+    if tau.dtype != x.dtype:  # Note [Shift in two parts]
+        y.sub_((tau - head).to(x.dtype))
+    y.clamp_(lower, upper)
+    return y if lower == 0.0 and math.isinf(upper) else _refine(y, total, lower, upper)
 
 
 def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:

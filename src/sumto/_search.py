@@ -97,8 +97,8 @@ _forced: Search | None = None
 def forced(search: Search | None) -> Iterator[None]:
     """Run every search of the block with ``search`` (a test and benchmark hook).
 
-    ``"newton"`` applies to one-sided maps on eager CPU only; elsewhere it falls back
-    to sorting, as the automatic choice does.
+    ``"newton"`` applies on eager CPU only; elsewhere the searches sort, as the
+    automatic choice does.
     """
     global _forced
     before, _forced = _forced, search
@@ -108,17 +108,34 @@ def forced(search: Search | None) -> Iterator[None]:
         _forced = before
 
 
+def threshold(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """``tau`` of shape ``(..., 1)`` such that ``clamp(x - tau, lower, upper)`` sums to ``total``.
+
+    Dispatches to :func:`one_sided` (``upper = inf``; ``lower = -inf`` by the mirror
+    ``min(x - t, u) = -max(-x + t, -u)``) or :func:`box` (both bounds finite). The
+    sort-based searches return ``tau`` in the wide dtype (float64): rounded to a
+    float32 ``x``'s dtype, a ``tau`` on the edge of a flat piece of ``h`` (every entry
+    on a bound) could move an entry across its bound; the assembly subtracts it in
+    two parts instead (Note [Shift in two parts] of ``sumto._autograd``).
+    """
+    if math.isinf(lower):
+        return -one_sided(-x, -total, -upper)
+    if math.isinf(upper):
+        return one_sided(x, total, lower)
+    return box(x, total, lower, upper)
+
+
 def one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
     """``tau`` of shape ``(..., 1)`` such that ``max(x - tau, lower)`` sums to ``total``.
 
     Args:
-        x: Rows ``(..., n)``, float32 or float64, finite or ``-inf`` (the assembly
-            shifts each row by its max, so entries are at most 0).
+        x: Rows ``(..., n)``, float32 or float64, finite or ``-inf``.
         total: Float or tensor of shape ``(..., 1)``, ``total >= n * lower``.
         lower: Finite lower bound.
 
     Returns:
-        ``tau`` in ``x``'s dtype, from the exact classification of every entry:
+        ``tau`` in ``x``'s dtype or, from the sort, in the wide dtype (see
+        :func:`threshold`), from the exact classification of every entry:
         ``(sum_F x - total + (n - |F|) lower) / |F|`` over the free entries ``F``,
         so its rounding is that of the output's entries, not of ``lower``.
     """
@@ -130,7 +147,7 @@ def one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
             if lower == 0.0:
                 return tau  # Newton's last step already solves the classification
             return _one_sided_polish(x, total, lower, tau - lower)
-        return _one_sided_sort(_finite_wide(x), _wide(total, x), lower).to(x.dtype)
+        return _one_sided_sort(_finite_wide(x), _wide(total, x), lower)
 
 
 def box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
@@ -143,14 +160,14 @@ def box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
         upper: Finite upper bound, ``upper > lower``.
 
     Returns:
-        ``tau`` in ``x``'s dtype; every entry is classified (at a bound or between)
-        as in the exact solution, up to the rounding of the entries.
+        ``tau`` as :func:`threshold` returns it; every entry is classified (at a bound
+        or between) as in the exact solution, up to the rounding of the entries.
     """
     with torch.no_grad():
         x = x.detach()
         if _use_newton(x):
             return _box_newton_rows(x, total, lower, upper)
-        return _box_sort(x, total, lower, upper).to(x.dtype)
+        return _box_sort(x, total, lower, upper)
 
 
 def _use_newton(x: Tensor) -> bool:
@@ -219,7 +236,9 @@ def _box_sort(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
     def classify(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(K_l, K_u, sum of the free entries)`` at the points ``t``."""
         k_lower = torch.searchsorted(s, (t + lower).contiguous(), right=True)
-        k_upper = n - torch.searchsorted(s, (t + upper).contiguous(), right=False)
+        # disjoint even where t + lower and t + upper round to the same value
+        first_upper = torch.searchsorted(s, (t + upper).contiguous(), right=False)
+        k_upper = n - torch.maximum(first_upper, k_lower)
         free_sum = prefix.gather(-1, n - k_upper) - prefix.gather(-1, k_lower)
         return k_lower, k_upper, free_sum
 
@@ -382,13 +401,18 @@ def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Ten
         hi = torch.where(above, hi, t)
         newton = t + excess / free.clamp_min(1.0)
         # t's classification gives the root when Newton reached t from a point of the
-        # same classification, when the step stalls, or at a bracket of adjacent floats
-        done = (excess == 0) | (newton == t) | ~(torch.nextafter(lo, hi) < hi)
+        # same classification, or when its step (through free entries) stalls
+        # at a bracket of adjacent floats the root's classification lies between its
+        # ends: lo (h(lo) >= c) keeps the entries that are free there free, and the
+        # assembly's sum refinement distributes the rest
+        adjacent = ~(torch.nextafter(lo, hi) < hi)
+        done = (excess == 0) | ((newton == t) & (free > 0)) | adjacent
         if previous is not None:
             done |= newton_before & (at_upper == previous[0]) & (at_lower == previous[1])
         done &= ~settled
         if bool(done.any()):
-            tau[ids[done[:, 0]]] = torch.where(free > 0, newton, t)[done[:, 0]]
+            result = torch.where(adjacent, lo, torch.where(free > 0, newton, t))
+            tau[ids[done[:, 0]]] = result[done[:, 0]]
             settled |= done
         finished = int(settled.sum())
         if finished == x.shape[0]:
