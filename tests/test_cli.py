@@ -733,7 +733,7 @@ def test_inspect_of_an_undescribable_file_fails_in_one_line(
     status, _, err = _inspect(tmp_path / "meta.pt", capsys)  # no data: refused by default
     assert status == 1 and err.count("\n") == 1 and "--trusted" in err
     state = nn.Sequential(sumto.simplex(nn.Linear(3, 2))).state_dict()
-    state["0.parametrizations.weight.0._extra_state"] = _Exploding()
+    state._metadata["0"]["sumto.constraints"]["parametrizations.weight.0"] = _Exploding()  # type: ignore[attr-defined]
     torch.save(state, tmp_path / "odd.pt")
     status = main(["inspect", "--trusted", str(tmp_path / "odd.pt")])
     captured = capsys.readouterr()

@@ -33,14 +33,15 @@ float32 instead would move it by up to ``ulp(tau) / 2``, which can exceed the ro
 between an entry and its bound when ``x`` is large.
 
 Note [Sum refinement]
-With two finite bounds, or a nonzero lower bound, free entries need not lie near
-the max (the largest entries sit at the upper bound, or the whole row is free), and
-``x - tau`` rounds at the scale of the row's spread. One correction from the output
-itself, ``y <- y - (sum(y) - c) / |F|`` on the free set ``F``, leaves the sum exact to
-the rounding of the output's entries; it moves entries by a rounding-sized amount,
-so the classification and the Jacobian of Note [Jacobian from the free set] stay as
-they are. The simplex (lower bound 0) needs no correction: its free entries lie
-within the total of the max.
+Free entries need not lie near the max (with two bounds the largest entries sit at
+the upper bound; with a nonzero lower bound the whole row can be free), and entries
+tied at a bound in exact arithmetic (a vertex of the simplex: every other entry's
+output is exactly 0) can be classified either way by rounding, which spreads the
+rounding of ``tau`` over many entries. One correction from the output itself,
+``y <- y - (sum(y) - c) / |F|`` on the free set ``F``, leaves the sum exact to the
+rounding of the output's entries; it moves entries by a rounding-sized amount, so
+the classification and the Jacobian of Note [Jacobian from the free set] stay as
+they are.
 """
 
 from __future__ import annotations
@@ -101,8 +102,7 @@ def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
     y = shifted.sub_(head)
     if tau.dtype != x.dtype:  # Note [Shift in two parts]
         y.sub_((tau - head).to(x.dtype))
-    y.clamp_(lower, upper)
-    return y if lower == 0.0 and math.isinf(upper) else _refine(y, total, lower, upper)
+    return _refine(y.clamp_(lower, upper), total, lower, upper)
 
 
 def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
