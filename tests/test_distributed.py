@@ -56,7 +56,12 @@ class DataParallelNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.affine = sumto.sum_to(nn.Linear(6, 8), total=2.0)
-        self.sparsemax = sumto.simplex(nn.Linear(8, 8), method="sparsemax")
+        # Started inside the simplex (every weight positive): projecting Linear's
+        # init puts weights exactly on the face of the support, where the rounding
+        # of a distributed gradient decides whether an entry enters the support and
+        # the comparison with single-process training would measure that coin toss.
+        interior = torch.softmax(torch.randn(8, 8), dim=1)
+        self.sparsemax = sumto.simplex(nn.Linear(8, 8), method="sparsemax", init=interior)
         self.box = sumto.box_sum(nn.Linear(8, 8), lower=-0.3, upper=0.6)
         self.linear_eq = sumto.linear_equality(
             nn.Linear(8, 8), A=[[1.0] * 8, [1.0, -1.0] * 4], b=[1.0, 0.0]
