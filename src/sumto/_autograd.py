@@ -8,6 +8,17 @@ and ``vmap`` (a rule that moves the batch dim in front, where the map is batched
 anyway). The free set ``F = {l < y < u}`` is read from the saved output, never from
 masks carried beside it.
 
+Note [Why an autograd.Function]
+``torch.library.custom_op`` gives compile a fake implementation and an opaque
+kernel, but has no forward-mode rule (no ``jvp``/``jacfwd``), and its eager dispatch
+costs more than the map on small tensors. One ``autograd.Function`` with
+``setup_context``, ``backward``, ``jvp`` and ``vmap`` covers every transform, with two
+thin subclasses that change no maths: under ``torch.compile`` one without ``jvp``
+(dynamo refuses Functions that define it; compiled regions differentiate in
+reverse mode), and outside ``torch.func`` one with ``ctx`` in ``forward`` (``apply``
+then skips binding its arguments to the signature, which costs several times the
+map on a 13-entry row).
+
 Note [Jacobian from the free set]
 On ``F`` the output is ``x - tau`` with ``tau = (sum_F x - c') / |F|`` (``c'`` the
 total less the bound entries' mass); off ``F`` it is a constant bound. So
