@@ -23,10 +23,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sumto
+from reference import SHARPEN_DIAGONAL, legacy_state_dict
 from sumto._demo.optimum import simplex_least_squares
 from sumto.cli import main
 
-TARGET = [[-1.0, 0.0, -1.0], [0.0, 5.0, 0.0], [-1.0, 0.0, -1.0]]
+TARGET = SHARPEN_DIAGONAL
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("weights.png", "kernels.png", "kernel_losses.png")
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -379,22 +380,12 @@ def test_inspect_skips_unknown_classes_and_foreign_parametrizations(
     assert torch.allclose(torch.tensor(_sums_line(out, "1.bias")), torch.tensor([1.0]))
 
 
-def _legacy_state_dict(model: nn.Module) -> dict[str, Any]:
-    """The state_dict layout of earlier sumto versions: configurations as ``_extra_state``."""
-    state = model.state_dict()
-    legacy: dict[str, Any] = dict(state)  # a plain dict: no metadata
-    for owner, local in state._metadata.items():
-        for rel, config in local.get("sumto.constraints", {}).items():
-            legacy[f"{owner}.{rel}._extra_state" if owner else f"{rel}._extra_state"] = config
-    return legacy
-
-
 def test_inspect_reads_the_extra_state_entries_of_older_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     model = _model()
     torch.save(model.state_dict(), tmp_path / "new.pt")
-    torch.save(_legacy_state_dict(model), tmp_path / "old.pt")
+    torch.save(legacy_state_dict(model), tmp_path / "old.pt")
     status, old, err = _inspect(tmp_path / "old.pt", capsys)
     assert status == 0 and err == ""
     assert "4 sumto-constrained tensors" in old
