@@ -13,12 +13,15 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 import sumto
+from sumto.cli import main as cli_main
 
 # The documented constant of ``Simplex(method="relu")`` (BiFPN fast normalised fusion):
 # ``c (relu(x) + eps / n) / (sum relu(x) + eps)``.
@@ -500,3 +503,23 @@ class CountingBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
         self.graphs += 1
         return self.inner(gm, example_inputs)
+
+
+def inspected_model() -> nn.Module:
+    """A model with four sumto-constrained tensors: simplex, tensor-total sum_to, box, sparsemax."""
+    torch.manual_seed(0)
+    totals = torch.arange(1.0, 5.0).view(4, 1, 1, 1)
+    model = nn.Sequential(
+        sumto.simplex(nn.Linear(5, 3)),
+        sumto.sum_to(nn.Conv2d(2, 4, 3), total=totals),
+        sumto.box_sum(nn.Linear(6, 2), total=2.0, dim=0, lower=-0.5, upper=1.0),
+    )
+    sumto.simplex(model[2], "bias", method="sparsemax")
+    return model
+
+
+def run_inspect(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``sumto inspect path`` in this process: (exit status, stdout, stderr)."""
+    status = cli_main(["inspect", str(path)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
