@@ -1,4 +1,4 @@
-"""Every autograd and torch.func transform on every projection and constraint class.
+"""sumto._autograd: every autograd and torch.func transform on every projection and constraint.
 
 The maps are compared with float64 reference Jacobians built from the reference
 projections of tests/reference.py (on the free set ``F`` of ``clamp(x - tau, l, u)``,

@@ -1,4 +1,4 @@
-"""Checkpoints, pickling and copies of sumto-constrained models.
+"""Integration, checkpoints: state_dicts, pickling and copies of sumto-constrained models.
 
 What is shown: resuming from model and optimizer state_dicts (saved with torch.save,
 loaded with ``weights_only=True``) is bit-identical to uninterrupted training;

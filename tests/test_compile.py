@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of models using every sumto constraint.
+"""Integration, torch.compile(fullgraph=True) of models using every sumto constraint.
 
 What is shown: one graph (``fullgraph=True`` raises on any graph break), compiled
 once and reused for every training step (a counting backend), outputs, gradients and

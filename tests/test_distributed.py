@@ -1,4 +1,4 @@
-"""DDP, FSDP2 and FSDP1 on CPU with the gloo backend, 2 processes on loopback.
+"""Integration, distributed: DDP, FSDP2 and FSDP1 on CPU with gloo, 2 processes on loopback.
 
 One ``torch.multiprocessing`` spawn runs every scenario (starting processes is the
 expensive part); each rank saves what it saw, and the tests compare it with

@@ -1,4 +1,4 @@
-"""sumto.functional against the independent float64 references of tests/reference.py.
+"""sumto.functional: the projections against the float64 references of tests/reference.py.
 
 Property tests draw shapes up to 4-D, dims (ints and tuples, negative too), totals
 (floats and per-slice tensors of keepdim or reduced shape) and dtypes; tolerances

@@ -1,4 +1,4 @@
-"""Hostile input: every public function and constructor, fuzzed with hypothesis.
+"""Integration, hostile input: every public function and constructor, fuzzed with hypothesis.
 
 The contract checked for each call: it either works, or raises ValueError,
 IndexError, TypeError or KeyError whose message names one of the call's

@@ -1,4 +1,4 @@
-"""Integration: constrained Linear and Conv layers trained with SGD and Adam.
+"""Integration, training: constrained Linear and Conv layers trained with SGD and Adam.
 
 Like geotorch's integration tests, a grid of small layers is trained for a few
 hundred steps on a teacher-student regression; every few steps each constrained
