@@ -226,7 +226,9 @@ def test_slice_size_mismatch_raises_at_registration() -> None:
 def test_repr_and_saved_configuration() -> None:
     c = sumto.LinearEquality([[1.0, 1.0], [2.0, 2.0]], [1.0, 2.0], dim=-1)
     assert repr(c) == "LinearEquality(A=Tensor(shape=(2, 2)), rank=1, dim=(-1,))"
-    state = c._saved_config()
+    # The configuration a checkpoint records, in the state_dict metadata of the owner.
+    metadata = sumto.constrain(nn.Linear(2, 2), "weight", c).state_dict()._metadata[""]
+    state = metadata[sumto.constraints.CONFIG_METADATA_KEY]["parametrizations.weight.0"]
     assert state["class"] == "LinearEquality"
     assert state["config"] == {"dim": [-1], "A": [[1.0, 1.0], [2.0, 2.0]], "b": [1.0, 2.0]}
 
