@@ -1,3 +1,5 @@
+"""Fixtures and settings shared by every test file: threads, dynamo caches, hypothesis profiles."""
+
 import os
 from collections.abc import Iterator
 
@@ -18,6 +20,18 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's caches are cleared before and after the test.
+
+    Compiled code objects count against dynamo's per-code recompile limit for the whole
+    process otherwise. Use with ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``.
+    """
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 settings.register_profile(

@@ -1,17 +1,35 @@
-"""Independent slow float64 references and the shared "constraint holds" checker.
+"""Shared test helpers: float64 references, tolerance-scaled asserts, checkpoint and compile aids.
 
-Everything here is written from the definitions, not from sumto's code paths:
+Every reference is written from the definitions, not from sumto's code paths:
 projections are computed by bisection on the threshold in float64 (or by sorting
-for the simplex), so that a bug in the library cannot hide in its own reference.
+for the simplex), softmax, relu fusion and the least-squares linear projection from
+their formulas, so that a bug in the library cannot hide in its own reference.
+The asserts bound errors by ``eps(dtype)`` times the magnitude the computation
+rounds at; each takes its constant ``k`` so that a test states how strict it is.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+import sumto
+from sumto.cli import main as cli_main
+
+# The documented constant of ``Simplex(method="relu")`` (BiFPN fast normalised fusion):
+# ``c (relu(x) + eps / n) / (sum relu(x) + eps)``.
+RELU_EPS = 1e-4
+
+# 3x3 kernels that sum to 1 (sharpening filters), the targets of the kernel-recovery tests.
+SHARPEN = [[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]]
+SHARPEN_DIAGONAL = [[-1.0, 0.0, -1.0], [0.0, 5.0, 0.0], [-1.0, 0.0, -1.0]]
 
 
 def as_rows(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, tuple[int, ...]]:
@@ -116,6 +134,49 @@ def ref_project_box_sum(
     return from_rows(y, shape, dims)
 
 
+def ref_softmax(
+    x: Tensor, total: float | Tensor, dims: Sequence[int], temperature: float = 1.0
+) -> Tensor:
+    """total * softmax(x / temperature) over each slice, float64."""
+    rows, shape = as_rows(x, dims)
+    z = rows / temperature
+    e = (z - z.max(1, keepdim=True).values).exp()
+    return from_rows(total_rows(total, x, dims) * e / e.sum(1, keepdim=True), shape, dims)
+
+
+def ref_relu(x: Tensor, total: float | Tensor, dims: Sequence[int]) -> Tensor:
+    """The documented map c (relu(x) + eps / n) / (sum relu(x) + eps), float64."""
+    rows, shape = as_rows(x, dims)
+    r = rows.clamp_min(0.0)
+    n = rows.shape[1]
+    w = total_rows(total, x, dims) * (r + RELU_EPS / n) / (r.sum(1, keepdim=True) + RELU_EPS)
+    return from_rows(w, shape, dims)
+
+
+def ref_project_linear(x: Tensor, A: Tensor, b: Tensor, dims: Sequence[int]) -> Tensor:
+    """x - delta per slice, delta the minimum-norm least-squares solution of A delta = A x - b."""
+    rows, shape = as_rows(x, dims)
+    a = A.double()
+    residual = a @ rows.T - b.double()[:, None]
+    delta = torch.linalg.lstsq(a, residual, rcond=1e-10, driver="gelsd").solution
+    return from_rows(rows - delta.T, shape, dims)
+
+
+def bayar_divide_by_sum(w: Tensor) -> Tensor:
+    """The published Bayar & Stamm step: centre 0, divide by the kernel sum, centre -1."""
+    c = w.shape[-1] // 2
+    w = w.clone()
+    w[..., c, c] = 0.0
+    w = w / w.sum((-2, -1), keepdim=True)
+    w[..., c, c] = -1.0
+    return w
+
+
+# ---------------------------------------------------------------------------
+# tolerance-scaled asserts
+# ---------------------------------------------------------------------------
+
+
 def tolerance(x: Tensor, total: float | Tensor, dims: Sequence[int], k: float = 8.0) -> float:
     """k * (4 + log2 n) * eps(dtype) * max over slices of (sum|x| + |total|)."""
     rows, _ = as_rows(x, dims)
@@ -125,13 +186,92 @@ def tolerance(x: Tensor, total: float | Tensor, dims: Sequence[int], k: float = 
     return k * (4 + math.log2(max(n, 1))) * torch.finfo(x.dtype).eps * max(mag, 1e-30)
 
 
-def assert_sums(x: Tensor, total: float | Tensor, dims: Sequence[int], k: float = 8.0) -> None:
-    """Assert every slice of ``x`` over ``dims`` sums to ``total`` within a dtype-scaled tolerance."""
+def assert_sums(
+    x: Tensor,
+    total: float | Tensor,
+    dims: Sequence[int],
+    k: float = 8.0,
+    source: Tensor | None = None,
+) -> None:
+    """Assert every slice of ``x`` over ``dims`` sums to ``total`` within a dtype-scaled tolerance.
+
+    With ``source`` (the input ``x`` was projected from) the tolerance of ``source`` in
+    ``x``'s dtype is added: a projection cancels ``sum(source)``, so its rounding error
+    scales with the input too, not only with the output.
+    """
     rows, _ = as_rows(x, dims)
     t = total_rows(total, x, dims)
     err = float((rows.sum(1, keepdim=True) - t).abs().max())
     tol = tolerance(x, total, dims, k)
+    if source is not None:
+        tol += tolerance(source.to(x.dtype), total, dims, k)
     assert err <= tol, f"max |sum - total| = {err:.3g} exceeds tolerance {tol:.3g} ({x.dtype})"
+
+
+def assert_matches_reference(
+    actual: Tensor,
+    expected: Tensor,
+    x: Tensor,
+    total: float | Tensor,
+    dims: Sequence[int],
+    extra_scale: float = 0.0,
+    k: float = 16.0,
+) -> None:
+    """|actual - expected| <= eps(dtype) |expected| + k (4 + log2 n) eps(compute) * scale.
+
+    The first term is the final rounding to ``actual``'s dtype; the second the error
+    of computing in float32/float64 (:func:`compute_eps`) on slices of ``x`` (taken in
+    that compute dtype) of magnitude ``sum|x| + |total|``, plus ``extra_scale`` (e.g.
+    the mass of entries sitting on a box bound).
+    """
+    assert actual.shape == expected.shape
+    if actual.numel() == 0:
+        return
+    wide = torch.float32 if actual.dtype in (torch.float16, torch.bfloat16) else actual.dtype
+    rows, _ = as_rows(x.to(wide), dims)
+    t = total_rows(total, x, dims)
+    n = rows.shape[1]
+    scale = float((rows.abs().sum(1, keepdim=True) + t.abs()).max()) + extra_scale
+    err = (actual.double() - expected.double()).abs()
+    bound = torch.finfo(actual.dtype).eps * expected.double().abs()
+    bound = bound + k * (4 + math.log2(max(n, 1))) * compute_eps(actual.dtype) * max(scale, 1e-30)
+    worst = float((err - bound).max())
+    assert worst <= 0, (
+        f"max abs error {float(err.max()):.3g} exceeds its bound by {worst:.3g} ({actual.dtype})"
+    )
+
+
+def assert_close_at_magnitude(
+    actual: Tensor,
+    expected: Tensor,
+    magnitude: Tensor | float,
+    dtype: torch.dtype,
+    n: int,
+    k: float = 8.0,
+) -> None:
+    """|actual - expected| <= k * (4 + log2 n) * eps(dtype) * magnitude, elementwise max."""
+    mag = float(magnitude.detach().max()) if isinstance(magnitude, Tensor) else float(magnitude)
+    tol = k * (4 + math.log2(max(n, 1))) * torch.finfo(dtype).eps * max(mag, 1e-30)
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    err = float(diff.max()) if diff.numel() else 0.0
+    assert err <= tol, f"max abs error {err:.3g} exceeds {tol:.3g} ({dtype})"
+
+
+def residual_and_scale(v: Tensor, A: Tensor, b: Tensor, dims: Sequence[int]) -> tuple[float, float]:
+    """max |A v - b| over slices and equations, and max (|A| |v| + |b|), in float64."""
+    rows, _ = as_rows(v, dims)
+    a, bb = A.double(), b.double()
+    residual = float((rows @ a.T - bb).abs().max())
+    scale = float((rows.abs() @ a.abs().T + bb.abs()).max())
+    return residual, scale
+
+
+def assert_satisfies(v: Tensor, A: Tensor, b: Tensor, dims: Sequence[int], k: float = 8.0) -> None:
+    """Every slice of ``v`` solves ``A v = b`` within k (4 + log2 n) eps(dtype) (|A| |v| + |b|)."""
+    n = A.shape[1]
+    residual, scale = residual_and_scale(v, A, b, dims)
+    tol = k * (4 + math.log2(n)) * torch.finfo(v.dtype).eps * max(scale, 1e-30)
+    assert residual <= tol, f"max |A v - b| = {residual:.3g} exceeds {tol:.3g} ({v.dtype})"
 
 
 def assert_close_scaled(
@@ -237,3 +377,149 @@ def assert_projection_close(
     err = (actual.double() - exp).abs() - torch.finfo(actual.dtype).eps * exp.abs()
     worst = float(err.max()) if err.numel() else 0.0
     assert worst <= bound, f"{what}: max error {worst:.3g} exceeds {bound:.3g} ({actual.dtype})"
+
+
+# ---------------------------------------------------------------------------
+# constraints holding on constrained tensors
+# ---------------------------------------------------------------------------
+
+
+def assert_on_set(
+    constraint: sumto.Constraint, value: Tensor, k: float = 1.0, what: str = "value"
+) -> None:
+    """``value`` is finite and within ``k`` times ``constraint``'s own tolerance of its set."""
+    assert bool(torch.isfinite(value).all()), f"{what} is not finite"
+    violation = float(constraint.violation(value))
+    tol = k * constraint.tolerance(value)
+    assert violation <= tol, f"{what}: violation {violation:.3g} > {tol:.3g}"
+
+
+def assert_constraints_hold(module: nn.Module, k: float = 8.0) -> None:
+    """Every sumto-constrained tensor of ``module`` is on its set, eps-scaled by ``k``.
+
+    Each parametrization list is evaluated map by map (as ``sumto.check`` does); after
+    each sumto constraint the value must be finite, sum to the total per slice within
+    :func:`tolerance` ``(k)``, be non-negative for a simplex and within the bounds of a
+    box, and violate the constraint by at most ``k`` times its tolerance. The report of
+    ``sumto.check`` must agree: each worst violation within ``k`` times the largest
+    tolerance of the tensor's constraints (non-finite tensors are reported as nan/inf
+    and fail). Parameters kept on their set by ``project_on_step`` have no
+    parametrization list: their tests check them with :func:`assert_on_set`.
+    """
+    tolerances: dict[str, float] = {}
+    with torch.no_grad():
+        for owner_name, owner in module.named_modules():
+            plists = getattr(owner, "parametrizations", None)
+            if plists is None:
+                continue
+            for name, plist in plists.items():
+                qualified = f"{owner_name}.{name}" if owner_name else name
+                value = plist.original
+                for p in plist:
+                    value = p(value)
+                    if not isinstance(p, sumto.Constraint):
+                        continue
+                    _assert_constraint_holds(p, value, k, qualified)
+                    tol = p.tolerance(value)
+                    tolerances[qualified] = max(tolerances.get(qualified, 0.0), tol)
+    for name, worst in sumto.check(module).items():
+        if name not in tolerances:
+            assert math.isfinite(worst), f"{name}: violation {worst}"
+            continue
+        tol = k * tolerances[name]
+        assert worst <= tol, f"{name}: violation {worst:.3g} > {tol:.3g}"
+
+
+def _assert_constraint_holds(c: sumto.Constraint, value: Tensor, k: float, what: str) -> None:
+    assert_on_set(c, value, k, what)
+    if isinstance(c, (sumto.AffineSum, sumto.Simplex, sumto.BoxSum)):
+        dims = c.dims(value.ndim)
+        total = c.total if isinstance(c.total, float) else c.total.detach()
+        rows, _ = as_rows(value, dims)
+        err = float((rows.sum(1, keepdim=True) - total_rows(total, value, dims)).abs().max())
+        tol = tolerance(value, total, dims, k=k)
+        assert err <= tol, f"{what}: |sum - total| = {err:.3g} > {tol:.3g}"
+    if isinstance(c, sumto.Simplex):
+        assert float(value.min()) >= 0.0, f"{what} has negative entries"
+    if isinstance(c, sumto.BoxSum):
+        low, high = float(value.min()), float(value.max())
+        assert c.lower <= low and high <= c.upper, f"{what} leaves [{c.lower}, {c.upper}]"
+
+
+def assert_report_within(
+    report: dict[str, float], atol: float = 1e-5, names: int | None = None
+) -> None:
+    """A ``sumto.check`` report: ``names`` entries (at least one if None), each <= ``atol``.
+
+    For unit-scale float32 weights, where an absolute bound is meaningful.
+    """
+    if names is None:
+        assert len(report) > 0, report
+    else:
+        assert len(report) == names, report
+    for name, violation in report.items():
+        assert violation <= atol, f"{name}: violation {violation:.3g}"
+
+
+def assert_params_match(got: dict[str, Tensor], want: dict[str, Tensor], atol: float) -> None:
+    """The same keys, and every tensor within ``atol`` (absolute, max over entries)."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        err = float((got[key].double() - value.double()).abs().max())
+        assert err <= atol, f"{key}: max |got - want| = {err:.3g} > {atol:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# checkpoints and compile
+# ---------------------------------------------------------------------------
+
+
+def save_and_load(state: dict[str, Any]) -> dict[str, Any]:
+    """torch.save then torch.load(weights_only=True), as a checkpoint file would."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
+def legacy_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The layout of earlier sumto versions: each configuration as an ``_extra_state`` entry."""
+    state = model.state_dict()
+    legacy: dict[str, Any] = dict(state)  # a plain dict: no metadata
+    for owner, local in state._metadata.items():
+        for rel, config in local.get("sumto.constraints", {}).items():
+            legacy[f"{owner}.{rel}._extra_state" if owner else f"{rel}._extra_state"] = config
+    return legacy
+
+
+class CountingBackend:
+    """A dynamo backend that counts the graphs it is asked to compile."""
+
+    def __init__(self, name: str) -> None:
+        self.inner = torch._dynamo.lookup_backend(name)
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        self.graphs += 1
+        return self.inner(gm, example_inputs)
+
+
+def inspected_model() -> nn.Module:
+    """A model with four sumto-constrained tensors: simplex, tensor-total sum_to, box, sparsemax."""
+    torch.manual_seed(0)
+    totals = torch.arange(1.0, 5.0).view(4, 1, 1, 1)
+    model = nn.Sequential(
+        sumto.simplex(nn.Linear(5, 3)),
+        sumto.sum_to(nn.Conv2d(2, 4, 3), total=totals),
+        sumto.box_sum(nn.Linear(6, 2), total=2.0, dim=0, lower=-0.5, upper=1.0),
+    )
+    sumto.simplex(model[2], "bias", method="sparsemax")
+    return model
+
+
+def run_inspect(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``sumto inspect path`` in this process: (exit status, stdout, stderr)."""
+    status = cli_main(["inspect", str(path)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

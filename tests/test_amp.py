@@ -1,4 +1,4 @@
-"""Mixed precision: CPU autocast(bfloat16) and bfloat16/float16 parameters.
+"""Integration, mixed precision: CPU autocast(bfloat16) and bfloat16/float16 parameters.
 
 What is shown, for every constraint:
 

@@ -1,4 +1,4 @@
-"""Every autograd and torch.func transform on every projection and constraint class.
+"""sumto._autograd: every autograd and torch.func transform on every projection and constraint.
 
 The maps are compared with float64 reference Jacobians built from the reference
 projections of tests/reference.py (on the free set ``F`` of ``clamp(x - tau, l, u)``,
@@ -18,7 +18,7 @@ classes are differentiated with respect to their pre-weights through
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import sumto
 from reference import (
+    CountingBackend,
     fd_jacobian,
     kink_margin,
     ref_clamp_shift_jacobian,
@@ -46,11 +47,7 @@ X = torch.tensor([0.9, -0.4, 0.35, 1.7, -1.2, 0.05, 0.6], dtype=F64)
 N = X.numel()
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def close(actual: Tensor, expected: Tensor, atol: float = ATOL) -> None:
@@ -247,21 +244,11 @@ def test_gradients_on_long_rows_follow_the_free_set_formula(
     close(tr.grad, mean)
 
 
-class _CountingBackend:
-    def __init__(self, name: str) -> None:
-        self.inner = torch._dynamo.lookup_backend(name)
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
-
-
 def compiled_values_and_grads(
     fn: Callable[[Tensor, Tensor], Tensor], backend: str, xs: Tensor, total: Tensor
 ) -> None:
     """Compiled values and gradients (input and total) equal eager; one graph."""
-    counting = _CountingBackend(backend)
+    counting = CountingBackend(backend)
     compiled = torch.compile(fn, fullgraph=True, backend=counting)
     w = torch.linspace(-1.0, 2.0, xs.shape[-1], dtype=xs.dtype)
     results = []
@@ -541,7 +528,7 @@ def compile_constraints(selected: list[Case]) -> None:
     def weights(*pres: Tensor) -> list[Tensor]:
         return [fn(p) for fn, p in zip(maps_, pres, strict=True)]
 
-    counting = _CountingBackend("aot_eager")
+    counting = CountingBackend("aot_eager")
     compiled = torch.compile(weights, fullgraph=True, backend=counting)
     g = torch.linspace(-1.0, 1.0, OUT * N, dtype=F64).reshape(OUT, N)
     results = []

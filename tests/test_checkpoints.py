@@ -1,4 +1,4 @@
-"""Checkpoints, pickling and copies of sumto-constrained models.
+"""Integration, checkpoints: state_dicts, pickling and copies of sumto-constrained models.
 
 What is shown: resuming from model and optimizer state_dicts (saved with torch.save,
 loaded with ``weights_only=True``) is bit-identical to uninterrupted training;
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import sumto
+from reference import legacy_state_dict, save_and_load
 
 # One constrained module per constraint; each maps (B, 4) -> (B, 3).
 CONSTRAINED: dict[str, Callable[[], nn.Module]] = {
@@ -273,13 +274,6 @@ def assert_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
         assert torch.equal(after[key], value), f"{key} was overwritten by a refused load"
 
 
-def save_and_load(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)  # type: ignore[no-any-return]
-
-
 @pytest.mark.parametrize("loaded", sorted(CONFIGURATIONS))
 def test_a_refused_load_leaves_every_tensor_as_it_was(loaded: str) -> None:
     for saved in sorted(set(CONFIGURATIONS) - {loaded}):
@@ -304,16 +298,6 @@ def test_the_same_configuration_loads_exactly(kind: str) -> None:
     model.load_state_dict(save_and_load(source.state_dict()))
     assert torch.equal(model[0].weight, source[0].weight)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
-
-
-def legacy_state_dict(model: nn.Module) -> dict[str, object]:
-    """The layout of earlier sumto versions: each configuration as an ``_extra_state`` entry."""
-    state = model.state_dict()
-    legacy: dict[str, object] = dict(state)  # no metadata
-    for owner, local in state._metadata.items():
-        for rel, config in local.get("sumto.constraints", {}).items():
-            legacy[f"{owner}.{rel}._extra_state" if owner else f"{rel}._extra_state"] = config
-    return legacy
 
 
 def test_old_checkpoints_with_extra_state_entries_still_load() -> None:

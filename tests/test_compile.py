@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of models using every sumto constraint.
+"""Integration, torch.compile(fullgraph=True) of models using every sumto constraint.
 
 What is shown: one graph (``fullgraph=True`` raises on any graph break), compiled
 once and reused for every training step (a counting backend), outputs, gradients and
@@ -11,15 +11,14 @@ gets the rest.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import sumto
-from reference import assert_close_scaled
+from reference import CountingBackend, assert_close_scaled, assert_report_within
 from sumto import functional as F
 
 # Eager and compiled runs differ by reassociated reductions and fused kernels. The
@@ -28,28 +27,9 @@ from sumto import functional as F
 COMPILE_K = 64.0
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """Dynamo's caches are cleared before and after each test.
-
-    Compiled code objects count against its per-code recompile limit for the whole
-    process otherwise. (One intra-op thread comes from conftest.py.)
-    """
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-class _CountingBackend:
-    """A dynamo backend that counts the graphs it is asked to compile."""
-
-    def __init__(self, name: str) -> None:
-        self.inner = torch._dynamo.lookup_backend(name)
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
+# Dynamo's caches are cleared around each test: compiled code objects count against its
+# per-code recompile limit for the whole process otherwise.
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class Zoo(nn.Module):
@@ -105,7 +85,7 @@ def train_and_compare(backend: str, make: Callable[[], nn.Module], steps: int) -
     torch._dynamo.reset()
     eager = make()
     model = copy.deepcopy(eager)
-    counting = _CountingBackend(backend)
+    counting = CountingBackend(backend)
     compiled = torch.compile(model, fullgraph=True, backend=counting)
     opt_e = make_optimizer(eager)
     opt_c = make_optimizer(model)
@@ -129,26 +109,18 @@ def train_and_compare(backend: str, make: Callable[[], nn.Module], steps: int) -
     return model
 
 
-def assert_constraints_hold(model: nn.Module) -> None:
-    report = sumto.check(model)
-    assert len(report) > 0
-    for name, violation in report.items():
-        # Unit-scale weights in float32: check's violation is absolute.
-        assert violation <= 1e-5, f"{name}: violation {violation:.3g}"
-
-
 # Inductor compiles C++ for the forward and backward graphs: about 40 s of CPU, cold.
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_training_matches_eager_in_one_graph(backend: str) -> None:
     model = train_and_compare(backend, make_zoo, steps=3)
-    assert_constraints_hold(model)
+    assert_report_within(sumto.check(model))  # unit-scale float32 weights
 
 
 def test_compiled_weights_match_eager_on_every_constraint() -> None:
     """The constrained weights themselves, read through a compiled function, equal eager."""
     torch._dynamo.reset()
     model = make_zoo()
-    counting = _CountingBackend("aot_eager")
+    counting = CountingBackend("aot_eager")
 
     def weights(m: Zoo) -> list[Tensor]:
         constrained = [m.affine, m.softmax, m.sparsemax, m.relu, m.box, m.bayar, m.linear_eq]
@@ -177,7 +149,7 @@ def test_compiled_weights_match_eager_on_every_constraint() -> None:
 )
 def test_functional_maps_compile_fullgraph(fn: Callable[[Tensor], Tensor]) -> None:
     torch._dynamo.reset()
-    counting = _CountingBackend("aot_eager")
+    counting = CountingBackend("aot_eager")
     compiled = torch.compile(fn, fullgraph=True, backend=counting)
     for seed in range(3):
         x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed))
@@ -192,7 +164,7 @@ def test_weighted_sum_of_a_repeated_input_compiles() -> None:
     torch.manual_seed(0)
     eager = sumto.WeightedSum(3, method="softmax", init=[0.2, 0.3, 0.5])
     model = copy.deepcopy(eager)
-    counting = _CountingBackend("aot_eager")
+    counting = CountingBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counting)
     for step in range(2):
         g = torch.Generator().manual_seed(step)

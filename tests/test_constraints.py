@@ -1,7 +1,7 @@
-"""The constraint classes: forward, right_inverse, project, violation, extra_repr.
+"""sumto.constraints: forward, right_inverse, project, violation, extra_repr of each class.
 
 Each map is compared with an independent float64 formula written from the
-definition (tests/reference.py for the projections, inline for softmax and relu).
+definition (tests/reference.py: the projections, softmax and relu fusion).
 """
 
 from __future__ import annotations
@@ -16,18 +16,23 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import Tensor, nn
 
+import sumto
 from reference import (
+    RELU_EPS,
+    SHARPEN,
+    SHARPEN_DIAGONAL,
     as_rows,
+    assert_matches_reference,
     assert_sums,
-    from_rows,
     ref_project_box_sum,
     ref_project_simplex,
     ref_project_sum,
+    ref_relu,
+    ref_softmax,
     tolerance,
     total_rows,
 )
 from sumto import AffineSum, BoxSum, Constraint, Simplex
-from sumto.constraints import RELU_EPS
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 METHODS = ["softmax", "sparsemax", "relu"]
@@ -63,35 +68,6 @@ def problems(draw: st.DrawFn, positive_total: bool = False) -> tuple:
     return x, dim, dims, total
 
 
-def assert_close(
-    actual: Tensor, expected: Tensor, x: Tensor, total: float | Tensor, dims: tuple[int, ...]
-) -> None:
-    """Error bounded by the final rounding plus the compute dtype's eps times the scale."""
-    compute = torch.float64 if actual.dtype == torch.float64 else torch.float32
-    scale = tolerance(x.to(compute), total, dims, k=16)
-    bound = torch.finfo(actual.dtype).eps * expected.abs() + scale
-    excess = float(((actual.double() - expected).abs() - bound).max())
-    assert excess <= 0, f"error exceeds its bound by {excess:.3g} ({actual.dtype})"
-
-
-def ref_softmax(
-    x: Tensor, total: float | Tensor, dims: tuple[int, ...], temperature: float
-) -> Tensor:
-    rows, shape = as_rows(x, dims)
-    z = rows / temperature
-    e = (z - z.max(1, keepdim=True).values).exp()
-    return from_rows(total_rows(total, x, dims) * e / e.sum(1, keepdim=True), shape, dims)
-
-
-def ref_relu(x: Tensor, total: float | Tensor, dims: tuple[int, ...]) -> Tensor:
-    """The documented map c (relu(x) + eps / n) / (sum relu(x) + eps)."""
-    rows, shape = as_rows(x, dims)
-    r = rows.clamp_min(0.0)
-    n = rows.shape[1]
-    w = total_rows(total, x, dims) * (r + RELU_EPS / n) / (r.sum(1, keepdim=True) + RELU_EPS)
-    return from_rows(w, shape, dims)
-
-
 # ---------------------------------------------------------------------------
 # forward against references
 # ---------------------------------------------------------------------------
@@ -105,7 +81,7 @@ def test_affine_sum_forward_and_project_match_reference(problem: tuple, dtype: t
     expected = ref_project_sum(xd.double(), total, dims)
     for y in (c(xd), c.project(xd)):
         assert y.dtype == dtype and y.shape == x.shape
-        assert_close(y, expected, xd, total, dims)
+        assert_matches_reference(y, expected, xd, total, dims)
     assert float(c.violation(c(xd.double()))) <= tolerance(x, total, dims)
 
 
@@ -129,10 +105,12 @@ def test_simplex_forward_matches_reference_for_each_method(
         expected = ref_relu(xd.double(), total, dims)
     # Sparsemax subtracts a threshold from x / T: its rounding scales with |x / T|.
     scale_of = xd.double() / temperature if method == "sparsemax" else expected
-    assert_close(y, expected, scale_of, total, dims)
+    assert_matches_reference(y, expected, scale_of, total, dims)
     assert_sums(y, total, dims)
     # project() is the Euclidean projection whatever the method.
-    assert_close(c.project(xd), ref_project_simplex(xd.double(), total, dims), xd, total, dims)
+    assert_matches_reference(
+        c.project(xd), ref_project_simplex(xd.double(), total, dims), xd, total, dims
+    )
 
 
 @given(problem=problems(), data=st.data(), dtype=st.sampled_from(DTYPES))
@@ -153,7 +131,7 @@ def test_box_sum_forward_matches_reference(
     assert bool((y >= lower).all() and (y <= upper).all())
     bound_mass = n * max(abs(b) for b in (lower, upper, 0.0) if math.isfinite(b))
     expected = ref_project_box_sum(xd.double(), total, dims, lower, upper)
-    assert_close(y, expected, xd.abs() + bound_mass / n, total, dims)
+    assert_matches_reference(y, expected, xd.abs() + bound_mass / n, total, dims)
     assert torch.equal(c.project(xd), y)
 
 
@@ -191,7 +169,7 @@ def test_explicit_dims_override_the_default() -> None:
 
 
 def test_affine_and_box_right_inverse_is_the_identity_on_the_set() -> None:
-    k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]]).reshape(1, 1, 3, 3)
+    k = torch.tensor(SHARPEN).reshape(1, 1, 3, 3)
     assert torch.equal(AffineSum()(AffineSum().right_inverse(k)), k)
     w = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
     box = BoxSum(lower=0.0, upper=1.0)
@@ -249,7 +227,7 @@ def test_violation_is_zero_on_the_set() -> None:
     for c in (AffineSum(), Simplex(), BoxSum(lower=0.0, upper=1.0)):
         v = c.violation(w)
         assert v.ndim == 0 and float(v) == 0.0
-    k = torch.tensor([[-1.0, 0.0, -1.0], [0.0, 5.0, 0.0], [-1.0, 0.0, -1.0]]).reshape(1, 1, 3, 3)
+    k = torch.tensor(SHARPEN_DIAGONAL).reshape(1, 1, 3, 3)
     assert float(AffineSum().violation(k)) == 0.0
     assert (
         float(Simplex(torch.tensor([2.0, 4.0])).violation(torch.tensor([[1.0, 1.0], [4.0, 0.0]])))
@@ -330,6 +308,7 @@ def test_relu_eps_bias_is_the_documented_pull_towards_uniform() -> None:
     s = r.sum(1, keepdim=True)
     expected = s / (s + RELU_EPS) * (3.0 * r / s) + RELU_EPS / (s + RELU_EPS) * (3.0 / 4)
     assert torch.allclose(w, expected, rtol=1e-14, atol=0)
+    assert sumto.constraints.RELU_EPS == RELU_EPS
     assert "10^{-4}" in (Simplex.__doc__ or "") and "never NaN" in (Simplex.__doc__ or "")
 
 

@@ -1,4 +1,4 @@
-"""DDP, FSDP2 and FSDP1 on CPU with the gloo backend, 2 processes on loopback.
+"""Integration, distributed: DDP, FSDP2 and FSDP1 on CPU with gloo, 2 processes on loopback.
 
 One ``torch.multiprocessing`` spawn runs every scenario (starting processes is the
 expensive part); each rank saves what it saw, and the tests compare it with
@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import sumto
+from reference import assert_params_match, assert_report_within
 
 pytestmark = pytest.mark.distributed
 
@@ -266,19 +267,6 @@ def scenario(results: dict[str, list[dict[str, Any]]], name: str) -> list[dict[s
     return ranks
 
 
-def assert_params_match(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        err = float((got[key].double() - value.double()).abs().max())
-        assert err <= MATCH, f"{key}: max |distributed - single| = {err:.3g}"
-
-
-def assert_constraints_hold(report: dict[str, float], expected_names: int) -> None:
-    assert len(report) == expected_names, report
-    for name, violation in report.items():
-        assert violation <= 1e-5, f"{name}: violation {violation:.3g}"
-
-
 # ---------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------
@@ -297,12 +285,12 @@ def test_ddp_equals_single_process_training_on_the_whole_batch(
 ) -> None:
     ranks = scenario(results, "ddp")
     reference = train_single_process("ddp")
-    assert_params_match(ranks[0]["params"], reference)
+    assert_params_match(ranks[0]["params"], reference, MATCH)
     # Training moved the parameters: the comparison is not between two initialisations.
     init = dict(make_model("ddp").named_parameters())
     assert any(not torch.allclose(reference[k], init[k]) for k in reference)
     for rank in ranks:
-        assert_constraints_hold(rank["check"], expected_names=6)
+        assert_report_within(rank["check"], names=6)
 
 
 def test_fsdp2_computes_constraints_on_the_full_tensor(
@@ -320,14 +308,14 @@ def test_fsdp2_computes_constraints_on_the_full_tensor(
         # Every weight read outside forward equals the constraint of the full tensor.
         for name, err in rank["outside_errors"].items():
             assert err <= 1e-6, f"{name}: {err:.3g}"
-        assert_constraints_hold(rank["check"], expected_names=3)
+        assert_report_within(rank["check"], names=3)
 
 
 def test_fsdp2_equals_single_process_training(results: dict[str, list[dict[str, Any]]]) -> None:
     ranks = scenario(results, "fsdp2")
     reference = train_single_process("fsdp2")
     for rank in ranks:
-        assert_params_match(rank["params"], reference)
+        assert_params_match(rank["params"], reference, MATCH)
 
 
 def test_fsdp1_refuses_to_constrain_a_flat_shard_outside_forward(
@@ -339,5 +327,5 @@ def test_fsdp1_refuses_to_constrain_a_flat_shard_outside_forward(
         assert len(rank["flat_shape"]) == 1  # outside forward: a 1-D slice of the flat shard
         assert "registered shape (8, 6)" in rank["outside_error"]
         assert "summon_full_params" in rank["outside_error"]
-        assert_params_match(rank["params"], reference)
-        assert_constraints_hold(rank["check"], expected_names=3)
+        assert_params_match(rank["params"], reference, MATCH)
+        assert_report_within(rank["check"], names=3)

@@ -1,4 +1,4 @@
-"""Run the Python code blocks of the documentation pages, so the docs stay true to the API.
+"""Docs: the Python code blocks of the documentation pages run, so the docs stay true to the API.
 
 Every fenced block tagged ``python`` in ``docs/**/*.md`` runs, in page order, in one
 namespace per page (later blocks may use names from earlier ones), inside a temporary

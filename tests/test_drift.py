@@ -1,4 +1,4 @@
-"""Long training does not let a constraint drift.
+"""Integration, drift: long training does not let a constraint drift.
 
 The constrained weight is recomputed from the pre-weights at every forward, so its
 error is one projection's rounding, whatever the optimizer does to the pre-weights

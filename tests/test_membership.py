@@ -1,4 +1,4 @@
-"""Values the library produces are accepted by the library: its own membership contract.
+"""Integration, membership: values the library produces are accepted by the library.
 
 A constraint's ``forward`` and ``project`` outputs must pass its ``check_member`` with
 its own ``tolerance`` (the check behind assignment, ``init`` and checkpoint loading),

@@ -1,9 +1,8 @@
-"""The helpers sum_to / simplex / box_sum / constrain, assignment, bake, check and checkpoints."""
+"""sumto.register: the helpers sum_to / simplex / box_sum / constrain, assignment, bake, check."""
 
 from __future__ import annotations
 
 import copy
-import io
 import math
 from collections.abc import Callable
 
@@ -14,16 +13,18 @@ from torch.nn.utils import parametrize
 
 import sumto
 from reference import (
+    SHARPEN,
+    SHARPEN_DIAGONAL,
+    assert_constraints_hold,
     assert_sums,
     ref_project_box_sum,
     ref_project_simplex,
     ref_project_sum,
+    save_and_load,
     tolerance,
 )
-from sumto import AffineSum, BoxSum, Constraint, Simplex
+from sumto import AffineSum, BoxSum, Simplex
 
-SHARPEN = [[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]]
-SHARPEN_DIAGONAL = [[-1.0, 0.0, -1.0], [0.0, 5.0, 0.0], [-1.0, 0.0, -1.0]]
 METHODS = ["softmax", "sparsemax", "relu"]
 
 Helper = Callable[..., nn.Module]
@@ -47,17 +48,6 @@ def kernel(rows: list[list[float]]) -> Tensor:
     return torch.tensor(rows).reshape(1, 1, 3, 3)
 
 
-def assert_on_set(module: nn.Module, k: float = 8.0) -> None:
-    """Every sumto-constrained tensor satisfies its constraint within its dtype's tolerance."""
-    for name, worst in sumto.check(module).items():
-        owner_name, _, tensor_name = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        value = getattr(owner, tensor_name)
-        plist = owner.parametrizations[tensor_name]
-        tol = k * max(p.tolerance(value) for p in plist if isinstance(p, Constraint))
-        assert worst <= tol, f"{name}: violation {worst:.3g} > {tol:.3g}"
-
-
 # ---------------------------------------------------------------------------
 # init="project"
 # ---------------------------------------------------------------------------
@@ -70,7 +60,7 @@ def test_helpers_return_the_module_and_constrain_its_weight(helper: Helper) -> N
     assert parametrize.is_parametrized(lin, "weight")
     assert not parametrize.is_parametrized(lin, "bias")
     assert_sums(lin.weight.detach(), 1.0, (1,))
-    assert_on_set(lin)
+    assert_constraints_hold(lin)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +124,7 @@ def test_softmax_pre_weights_are_finite_and_alive_on_default_init(
     pre = module.parametrizations.weight.original.detach()
     assert bool(torch.isfinite(pre).all())
     assert float(pre.min()) > -20.0
-    assert_on_set(module)
+    assert_constraints_hold(module)
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +205,7 @@ def test_assignment_within_rounding_is_accepted_and_read_back_within_rounding() 
     # Accepted (a rounding error, not a violation); the map then makes the sum exact
     # as far as float32 allows, moving each entry by about eps.
     assert float((lin.weight.detach() - value).abs().max()) <= 2 * torch.finfo(torch.float32).eps
-    assert_on_set(lin)
+    assert_constraints_hold(lin)
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +295,7 @@ def test_parameter_identity_is_kept_for_an_existing_optimizer(helper: Helper) ->
         nn.functional.mse_loss(lin(x), target).backward()
         opt.step()
     assert not torch.equal(lin.weight, before), "the optimizer no longer updates the weight"
-    assert_on_set(lin)
+    assert_constraints_hold(lin)
 
 
 # ---------------------------------------------------------------------------
@@ -403,20 +393,13 @@ class _Diverging(AffineSum):
 # ---------------------------------------------------------------------------
 
 
-def _roundtrip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("helper", HELPER_FNS, ids=HELPER_IDS)
 def test_state_dict_round_trip(helper: Helper) -> None:
     src = helper(seeded_linear(4, 3, seed=3), total=torch.tensor([1.0, 2.0, 0.5]))
     dst = helper(seeded_linear(4, 3, seed=4), total=torch.tensor([1.0, 2.0, 0.5]))
     keys = set(src.state_dict())
     assert "parametrizations.weight.original" in keys and "weight" not in keys
-    dst.load_state_dict(_roundtrip(src.state_dict()))
+    dst.load_state_dict(save_and_load(src.state_dict()))
     assert torch.equal(dst.weight, src.weight)
     assert torch.equal(dst.bias, src.bias)
 
@@ -428,14 +411,14 @@ def test_plain_checkpoint_loads_into_a_constrained_model(helper: Helper) -> None
     with torch.no_grad():
         plain[1].weight.copy_(value)
     model = nn.Sequential(nn.Linear(3, 3), helper(nn.Linear(3, 2)))
-    model.load_state_dict(_roundtrip(plain.state_dict()))  # strict: no missing/unexpected keys
+    model.load_state_dict(save_and_load(plain.state_dict()))  # strict: no missing/unexpected keys
     assert float((model[1].weight.detach() - value).abs().max()) <= 2 * sumto.constraints.RELU_EPS
     assert torch.equal(model[0].weight, plain[0].weight)
     # A top-level constrained module reads a plain checkpoint too.
     lin = helper(nn.Linear(3, 2))
     lin.load_state_dict(plain[1].state_dict())
     assert float((lin.weight.detach() - value).abs().max()) <= 2 * sumto.constraints.RELU_EPS
-    assert_on_set(model)
+    assert_constraints_hold(model)
 
 
 def test_plain_checkpoint_off_the_set_raises_value_error() -> None:
@@ -491,7 +474,7 @@ def test_loading_a_checkpoint_of_another_constraint_raises_value_error(
 
 def test_configuration_is_saved_in_the_state_dict_metadata_readable_with_weights_only() -> None:
     lin = sumto.simplex(nn.Linear(3, 2), method="relu", total=2.0)
-    state = _roundtrip(lin.state_dict())
+    state = save_and_load(lin.state_dict())
     assert all(isinstance(v, Tensor) for v in state.values())  # no entry but tensors
     assert state._metadata[""]["sumto.constraints"] == {
         "parametrizations.weight.0": {
@@ -516,7 +499,7 @@ def test_constrained_values_are_exact_after_register_and_readback_for_simplex_ex
     lin = sumto.simplex(nn.Linear(3, 2), init=value)
     assert bool((lin.weight > 0).all())  # softmax: zeros are eps, never exactly 0
     assert float((lin.weight.detach() - value).abs().max()) <= 4 * torch.finfo(torch.float32).eps
-    assert_on_set(lin)
+    assert_constraints_hold(lin)
     assert isinstance(lin.parametrizations.weight[0], Simplex)
 
 
@@ -619,4 +602,4 @@ def test_tying_a_constrained_weight_with_the_suggested_recipe_keeps_both_constra
         opt.step()
     assert torch.equal(model.dec.weight, model.enc.weight)
     assert model.dec.parametrizations.weight.original is model.enc.parametrizations.weight.original
-    assert_on_set(model)
+    assert_constraints_hold(model)

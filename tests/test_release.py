@@ -1,4 +1,4 @@
-"""Release readiness: the built wheel and sdist are valid and the wheel works on its own.
+"""Release: the built wheel and sdist are valid and the wheel works on its own.
 
 Builds the sdist and the wheel once (``python -m build --no-isolation``, with the
 hatchling of the dev environment), checks their metadata with ``twine check --strict``

@@ -1,4 +1,4 @@
-"""The threshold searches of sumto._search against the float64 references of tests/reference.py.
+"""sumto._search: the threshold searches against the float64 references of tests/reference.py.
 
 Each search is selected with ``_search.forced``: ``"sort"`` (every map, every device)
 and ``"newton"`` (one-sided maps in eager CPU; two-sided boxes fall back to sorting).

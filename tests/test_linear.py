@@ -1,4 +1,4 @@
-"""LinearEquality, linear_equality and bayar against independent float64 references."""
+"""sumto.linear: LinearEquality, linear_equality and bayar against float64 references."""
 
 from __future__ import annotations
 
@@ -11,53 +11,14 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import sumto
-from reference import as_rows, from_rows
+from reference import (
+    assert_satisfies,
+    bayar_divide_by_sum,
+    ref_project_linear,
+    residual_and_scale,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-# ---------------------------------------------------------------------------
-# independent references
-# ---------------------------------------------------------------------------
-
-
-def ref_project_linear(x: Tensor, A: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """x - delta per slice, delta the minimum-norm least-squares solution of A delta = A x - b."""
-    rows, shape = as_rows(x, dims)
-    a = A.double()
-    residual = a @ rows.T - b.double()[:, None]
-    delta = torch.linalg.lstsq(a, residual, rcond=1e-10, driver="gelsd").solution
-    return from_rows(rows - delta.T, shape, dims)
-
-
-def residual_and_scale(
-    v: Tensor, A: Tensor, b: Tensor, dims: tuple[int, ...]
-) -> tuple[float, float]:
-    """max |A v - b| over slices and equations, and max (|A| |v| + |b|), in float64."""
-    rows, _ = as_rows(v, dims)
-    a, bb = A.double(), b.double()
-    residual = float((rows @ a.T - bb).abs().max())
-    scale = float((rows.abs() @ a.abs().T + bb.abs()).max())
-    return residual, scale
-
-
-def assert_satisfies(
-    v: Tensor, A: Tensor, b: Tensor, dims: tuple[int, ...], k: float = 8.0
-) -> None:
-    n = A.shape[1]
-    residual, scale = residual_and_scale(v, A, b, dims)
-    tol = k * (4 + math.log2(n)) * torch.finfo(v.dtype).eps * max(scale, 1e-30)
-    assert residual <= tol, f"max |A v - b| = {residual:.3g} exceeds {tol:.3g} ({v.dtype})"
-
-
-def bayar_divide_by_sum(w: Tensor) -> Tensor:
-    """The published Bayar & Stamm step: centre 0, divide by the kernel sum, centre -1."""
-    c = w.shape[-1] // 2
-    w = w.clone()
-    w[..., c, c] = 0.0
-    w = w / w.sum((-2, -1), keepdim=True)
-    w[..., c, c] = -1.0
-    return w
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +226,9 @@ def test_slice_size_mismatch_raises_at_registration() -> None:
 def test_repr_and_saved_configuration() -> None:
     c = sumto.LinearEquality([[1.0, 1.0], [2.0, 2.0]], [1.0, 2.0], dim=-1)
     assert repr(c) == "LinearEquality(A=Tensor(shape=(2, 2)), rank=1, dim=(-1,))"
-    state = c._saved_config()
+    # The configuration a checkpoint records, in the state_dict metadata of the owner.
+    metadata = sumto.constrain(nn.Linear(2, 2), "weight", c).state_dict()._metadata[""]
+    state = metadata[sumto.constraints.CONFIG_METADATA_KEY]["parametrizations.weight.0"]
     assert state["class"] == "LinearEquality"
     assert state["config"] == {"dim": [-1], "A": [[1.0, 1.0], [2.0, 2.0]], "b": [1.0, 2.0]}
 

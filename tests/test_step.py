@@ -1,4 +1,4 @@
-"""project_on_step: plain parameters projected after every optimizer step."""
+"""sumto.step: project_on_step keeps plain parameters on their set after every optimizer step."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import Tensor, nn
+from torch import nn
 
 import sumto
-from reference import as_rows, assert_sums, ref_project_box_sum, ref_project_simplex
+from reference import (
+    as_rows,
+    assert_on_set,
+    assert_sums,
+    ref_project_box_sum,
+    ref_project_simplex,
+)
 
 
 def _constraints() -> list[tuple[str, sumto.Constraint]]:
@@ -41,11 +47,6 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int =
         opt.step()
 
 
-def _assert_on_set(constraint: sumto.Constraint, w: Tensor) -> None:
-    assert torch.isfinite(w).all()
-    assert float(constraint.violation(w)) <= constraint.tolerance(w)
-
-
 @pytest.mark.parametrize("name", CONSTRAINT_IDS)
 def test_projects_immediately_and_after_every_step(name: str) -> None:
     torch.manual_seed(0)
@@ -53,10 +54,10 @@ def test_projects_immediately_and_after_every_step(name: str) -> None:
     lin = nn.Linear(6, 4)
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     sumto.project_on_step(opt, lin.weight, constraint)
-    _assert_on_set(constraint, lin.weight.detach())
+    assert_on_set(constraint, lin.weight.detach())
     for seed in range(5):
         _train(lin, opt, steps=1, seed=seed)
-        _assert_on_set(constraint, lin.weight.detach())
+        assert_on_set(constraint, lin.weight.detach())
 
 
 @pytest.mark.parametrize("name", CONSTRAINT_IDS)
@@ -67,7 +68,7 @@ def test_constraint_holds_after_hundreds_of_adam_steps(name: str) -> None:
     opt = torch.optim.Adam(lin.parameters(), lr=0.05)
     sumto.project_on_step(opt, lin.weight, constraint)
     _train(lin, opt, steps=300)
-    _assert_on_set(constraint, lin.weight.detach())
+    assert_on_set(constraint, lin.weight.detach())
     assert type(lin.weight) is nn.Parameter
     assert sorted(lin.state_dict()) == ["bias", "weight"]
 
@@ -195,7 +196,7 @@ def test_several_constraints_and_param_groups() -> None:
     h1 = sumto.project_on_step(opt, lin.weight, sumto.Simplex())
     h2 = sumto.project_on_step(opt, lin.bias, sumto.AffineSum(total=3.0))
     _train(lin, opt, steps=5)
-    _assert_on_set(sumto.Simplex(), lin.weight.detach())
+    assert_on_set(sumto.Simplex(), lin.weight.detach())
     assert_sums(lin.bias.detach(), 3.0, (0,))
     assert set(sumto.check(lin)) == {"weight", "bias"}
     h1.remove()
@@ -212,7 +213,7 @@ def test_box_projection_matches_reference_in_every_dtype(dtype: torch.dtype) -> 
     sumto.project_on_step(opt, p, constraint)
     err = float((p.detach().double() - expected).abs().max())
     assert err <= 8 * torch.finfo(dtype).eps * 4
-    _assert_on_set(constraint, p.detach())
+    assert_on_set(constraint, p.detach())
 
 
 @given(
@@ -260,7 +261,7 @@ def test_bayar_through_project_on_step_stays_bounded() -> None:
         opt.step()
     w = conv.weight.detach()
     assert torch.equal(w[:, :, k // 2, k // 2], torch.full((8, 3), -1.0))
-    _assert_on_set(constraint, w)
+    assert_on_set(constraint, w)
     # Each step moves an entry by at most ~3.2 lr (Adam) plus the same shift again.
     assert float((w - w0).abs().max()) <= 2 * 3.2 * lr * steps
     assert sorted(conv.state_dict()) == ["weight"]
