@@ -1,7 +1,8 @@
 """The differentiable clamp-shift map ``y = clamp(x - tau(x, c), l, u)`` as one autograd node.
 
-The simplex projection (``l = 0``), one-sided and two-sided box projections are this
-map with ``tau`` from :func:`sumto._search.threshold`. One ``torch.autograd.Function``
+The affine projection (no finite bound, ``tau = (sum(x) - c) / n``), the simplex
+projection (``l = 0``), one-sided and two-sided box projections are this map, with
+``tau`` from :func:`sumto._search.threshold` where a bound is finite. One ``torch.autograd.Function``
 serves every torch transform: ``backward`` (with double backward, since it is written
 in differentiable ops of the incoming gradient), ``jvp`` (forward mode, ``jacfwd``),
 and ``vmap`` (a rule that moves the batch dim in front, where the map is batched
@@ -64,9 +65,9 @@ import torch
 from torch import Tensor
 
 from sumto import _search
-from sumto._compat import is_compiling, transforming
+from sumto._compat import eager, is_compiling, transforming
 
-__all__ = ["clamp_shift"]
+__all__ = ["clamp_shift", "slice_sum"]
 
 
 def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
@@ -91,11 +92,14 @@ def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) ->
     return out
 
 
-def _free(y: Tensor, lower: float, upper: float) -> Tensor:
+def _free(y: Tensor, lower: float, upper: float) -> Tensor | None:
     """0/1 indicator of the free set ``lower < y < upper`` (``y`` within the bounds).
 
+    ``None`` for the affine map (no finite bound), whose free set is every entry.
     Float sign arithmetic: comparisons and bool-to-float copies are slow on CPU.
     """
+    if math.isinf(lower) and math.isinf(upper):
+        return None
     if math.isinf(upper):
         return torch.sign(y - lower) if lower != 0.0 else torch.sign(y)
     if math.isinf(lower):
@@ -103,8 +107,35 @@ def _free(y: Tensor, lower: float, upper: float) -> Tensor:
     return torch.sub(y, lower).mul_(torch.rsub(y, upper)).sign_()
 
 
+def _sum_scale(n: int) -> float:
+    """The power of two ``s >= n`` that sums of ``n`` entries are scaled by when they overflow.
+
+    # Note [Overflow-free sums]
+    A sum of finite entries near the dtype's max overflows, and then inf - inf gives
+    nan. Summing ``x / s`` instead, with ``s >= n`` a power of two, keeps every partial
+    sum within range, and the scaling is exact (barring subnormals). The scaled sum
+    costs a full-size temporary, so it is computed only where the plain sum is not
+    finite: on eager CPU after a look at the plain sum, elsewhere (no host sync)
+    always, and selected per slice.
+    """
+    return float(1 << (n - 1).bit_length()) if n > 1 else 1.0
+
+
+def slice_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Sums over ``dims`` (keepdim) that never overflow (Note [Overflow-free sums])."""
+    plain = x.sum(dims, keepdim=True)
+    if eager(x) and bool(torch.isfinite(plain).all()):
+        return plain
+    scale = _sum_scale(math.prod([x.shape[d] for d in dims]))
+    scaled = (x / scale).sum(dims, keepdim=True) * scale
+    return torch.where(torch.isfinite(plain), plain, scaled)
+
+
 def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
     """The output, without autograd: shift, search, clamp, and Note [Sum refinement]."""
+    if math.isinf(lower) and math.isinf(upper):  # the affine map: tau in closed form
+        n = x.shape[-1]
+        return _refine(x + (total - slice_sum(x, (-1,))) / n, total, lower, upper)
     top = x.amax(-1, keepdim=True)
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
     shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
@@ -119,8 +150,21 @@ def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
 def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
     """Note [Sum refinement], in place on ``y``."""
     free = _free(y, lower, upper)
+    if free is None:
+        correction = (total - y.sum(-1, keepdim=True)) / y.shape[-1]
+        # a correction that overflows (entries near the dtype's max) is dropped, not nan
+        return y.add_(correction.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
     excess = (y.sum(-1, keepdim=True) - total) / free.sum(-1, keepdim=True).clamp_min(1.0)
     return y.addcmul_(free, excess, value=-1.0).clamp_(lower, upper)
+
+
+def _project_out_mean(t: Tensor, free: Tensor | None, moved: Tensor | None = None) -> Tensor:
+    """``1_F * (t - (sum_F t - moved) / |F|)`` per row (Note [Jacobian from the free set])."""
+    kept = t if free is None else t * free
+    shift = kept.sum(-1, keepdim=True) if moved is None else kept.sum(-1, keepdim=True) - moved
+    count = t.shape[-1] if free is None else free.sum(-1, keepdim=True).clamp_min(1.0)
+    shift = shift / count
+    return kept - (shift if free is None else free * shift)
 
 
 class _ClampShift(torch.autograd.Function):
@@ -140,19 +184,18 @@ class _ClampShift(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:  # type: ignore[override]
         (y,) = ctx.saved_tensors
         free = _free(y, *ctx.bounds)
-        kept = grad * free
-        mean = kept.sum(-1, keepdim=True) / free.sum(-1, keepdim=True).clamp_min(1.0)
-        grad_total = mean if ctx.needs_input_grad[1] else None
-        return kept - free * mean, grad_total, None, None
+        grad_x = _project_out_mean(grad, free)
+        grad_total = None
+        if ctx.needs_input_grad[1]:  # sum_F g / |F|, which is g - grad_x on F
+            count = grad.shape[-1] if free is None else free.sum(-1, keepdim=True).clamp_min(1.0)
+            kept = grad if free is None else grad * free
+            grad_total = kept.sum(-1, keepdim=True) / count
+        return grad_x, grad_total, None, None
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor, dtotal: Tensor | None, *_: Any) -> Tensor:
         (y,) = ctx.saved_tensors
-        free = _free(y, *ctx.bounds)
-        moved = (dx * free).sum(-1, keepdim=True)
-        if dtotal is not None:
-            moved = moved - dtotal
-        return free * (dx - moved / free.sum(-1, keepdim=True).clamp_min(1.0))
+        return _project_out_mean(dx, _free(y, *ctx.bounds), dtotal)
 
     @staticmethod
     def vmap(

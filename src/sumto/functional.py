@@ -28,11 +28,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sumto import _checks
+from sumto import _autograd, _checks
 from sumto._autograd import clamp_shift
 from sumto._checks import Dim as Dim
 from sumto._checks import Total as Total
-from sumto._compat import eager
 
 __all__ = [
     "project_box_sum",
@@ -141,50 +140,19 @@ def _apply_rows(
 # ---------------------------------------------------------------------------
 
 
-def _sum_scale(n: int) -> float:
-    """The power of two ``s >= n`` that sums of ``n`` entries are scaled by when they overflow.
-
-    # Note [Overflow-free sums]
-    A sum of finite entries near the dtype's max overflows, and then inf - inf gives
-    nan. Summing ``x / s`` instead, with ``s >= n`` a power of two, keeps every partial
-    sum within range, and the scaling is exact (barring subnormals). The scaled sum
-    costs a full-size temporary, so it is computed only where the plain sum is not
-    finite: on eager CPU after a look at the plain sum, elsewhere (no host sync)
-    always, and selected per slice.
-    """
-    return float(1 << (n - 1).bit_length()) if n > 1 else 1.0
-
-
-def _slice_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Sums over ``dims`` (keepdim) that never overflow (Note [Overflow-free sums])."""
-    plain = x.sum(dims, keepdim=True)
-    if eager(x) and bool(torch.isfinite(plain).all()):
-        return plain
-    scale = _sum_scale(_reduced_size(x.shape, dims))
-    scaled = (x / scale).sum(dims, keepdim=True) * scale
-    return torch.where(torch.isfinite(plain), plain, scaled)
+_sum_scale = _autograd._sum_scale
+_slice_sum = _autograd.slice_sum
 
 
 def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
-    """``x + (total - sum(x)) / n`` over ``dims``, exact to the rounding of the output.
-
-    # Note [Affine projection in plain ops]
-    The map is affine, so plain differentiable ops give every transform (double
-    backward, ``torch.func``, compile, tracing) with no custom node. A second,
-    detached correction from the output's own sum (as in Note [Sum refinement] of
-    ``sumto._autograd``) removes the rounding of ``x``'s scale, which can exceed the
-    output's by far (large pre-weights, total 0); it leaves the Jacobian unchanged,
-    as the projection is idempotent.
-    """
+    """``x + (total - sum(x)) / n`` over ``dims``, exact to the rounding of the output."""
     n = _reduced_size(x.shape, dims)
     if x.ndim == 0 or n == 1:
         # A single entry is the total, exactly (x + (total - x) rounds).
         return torch.zeros_like(x) + total
-    y = x + (total - _slice_sum(x, dims)) / n
-    # y's entries are finite and near the total's share: a plain sum serves here, and a
-    # correction that still overflows is dropped rather than turned into nan
-    correction = ((total - y.detach().sum(dims, keepdim=True)) / n).detach()
-    return y + torch.where(torch.isfinite(correction), correction, 0.0)
+    rows = _to_rows(x, dims)
+    out = clamp_shift(rows, _total_rows(total, x, dims), -math.inf, math.inf)
+    return _from_rows(out, x.shape, dims)
 
 
 def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
