@@ -725,3 +725,21 @@ def test_an_all_negative_infinite_row_projects_to_the_uniform_row() -> None:
     # one -inf entry gets nothing; the rest of the row is projected as without it
     z = project_simplex(torch.tensor([-math.inf, 0.5, 0.25, -1.0]), 1.0)
     assert torch.equal(z, torch.tensor([0.0, 0.625, 0.375, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["eager", "vmap"])
+def test_project_sum_of_entries_near_the_dtype_max_stays_finite(
+    dtype: torch.dtype, mode: str
+) -> None:
+    """The plain sum overflows; the scaled mean (Note [Overflow-free sums]) does not."""
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[0.9 * big, 0.8 * big, -0.1 * big, 0.5 * big]], dtype=dtype)
+    if mode == "eager":
+        y = project_sum(x, 1.0)
+    else:  # no host look at the sums: both sums computed, chosen per slice
+        y = torch.func.vmap(lambda row: project_sum(row, 1.0))(x)
+    assert bool(torch.isfinite(y).all())
+    xd = x.double()
+    expected = xd + (0.25 - (xd / 4).sum(-1, keepdim=True))  # the mean, without overflow
+    assert float((y.double() - expected).abs().max()) <= 4 * torch.finfo(dtype).eps * big

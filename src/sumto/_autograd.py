@@ -67,7 +67,7 @@ from torch import Tensor
 from sumto import _search
 from sumto._compat import eager, is_compiling, transforming
 
-__all__ = ["clamp_shift", "slice_sum"]
+__all__ = ["clamp_shift", "slice_mean"]
 
 
 def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
@@ -113,29 +113,31 @@ def _sum_scale(n: int) -> float:
     # Note [Overflow-free sums]
     A sum of finite entries near the dtype's max overflows, and then inf - inf gives
     nan. Summing ``x / s`` instead, with ``s >= n`` a power of two, keeps every partial
-    sum within range, and the scaling is exact (barring subnormals). The scaled sum
-    costs a full-size temporary, so it is computed only where the plain sum is not
-    finite: on eager CPU after a look at the plain sum, elsewhere (no host sync)
-    always, and selected per slice.
+    sum within range, and the scaling is exact (barring subnormals); the mean,
+    ``sum(x / s) / (n / s)``, is then finite too. The scaled sum costs a full-size
+    temporary, so it is computed only where the plain sum is not finite: on eager
+    CPU after a look at the plain sums, elsewhere (no host sync) always, and
+    selected per slice.
     """
     return float(1 << (n - 1).bit_length()) if n > 1 else 1.0
 
 
-def slice_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Sums over ``dims`` (keepdim) that never overflow (Note [Overflow-free sums])."""
+def slice_mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Means over ``dims`` (keepdim) that never overflow (Note [Overflow-free sums])."""
+    n = math.prod([x.shape[d] for d in dims])
     plain = x.sum(dims, keepdim=True)
-    if eager(x) and bool(torch.isfinite(plain).all()):
-        return plain
-    scale = _sum_scale(math.prod([x.shape[d] for d in dims]))
-    scaled = (x / scale).sum(dims, keepdim=True) * scale
-    return torch.where(torch.isfinite(plain), plain, scaled)
+    # one reduction and one read: a sum of the sums is finite only if each is
+    if eager(x) and math.isfinite(float(plain.sum())):
+        return plain / n
+    scale = _sum_scale(n)
+    scaled = (x / scale).sum(dims, keepdim=True) / (n / scale)
+    return torch.where(torch.isfinite(plain), plain / n, scaled)
 
 
 def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
     """The output, without autograd: shift, search, clamp, and Note [Sum refinement]."""
     if math.isinf(lower) and math.isinf(upper):  # the affine map: tau in closed form
-        n = x.shape[-1]
-        return _refine(x + (total - slice_sum(x, (-1,))) / n, total, lower, upper)
+        return _refine(x + (total / x.shape[-1] - slice_mean(x, (-1,))), total, lower, upper)
     top = x.amax(-1, keepdim=True)
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
     shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)

@@ -83,6 +83,8 @@ def _to_rows(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     if x.ndim == 0:
         return x.reshape(1)
     k = len(dims)
+    if dims == (x.ndim - 1,):  # already rows
+        return x
     moved = x.movedim(dims, tuple(range(x.ndim - k, x.ndim)))
     return moved.flatten(x.ndim - k) if k > 1 else moved
 
@@ -93,6 +95,8 @@ def _from_rows(y: Tensor, x_shape: Sequence[int], dims: tuple[int, ...]) -> Tens
         return y.reshape(())
     k = len(dims)
     ndim = len(x_shape)
+    if dims == (ndim - 1,):
+        return y
     other = [s for i, s in enumerate(x_shape) if i not in dims]
     moved_shape = [*other, *(x_shape[d] for d in dims)]
     return y.reshape(moved_shape).movedim(tuple(range(ndim - k, ndim)), dims)
@@ -141,7 +145,6 @@ def _apply_rows(
 
 
 _sum_scale = _autograd._sum_scale
-_slice_sum = _autograd.slice_sum
 
 
 def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
@@ -223,7 +226,9 @@ def _sum_violation(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> T
     xc = x.to(_compute_dtype(x.dtype))
     if x.ndim == 0:
         return (xc - total).abs()
-    return _max_or_zero((_slice_sum(xc, dims) - total).abs())
+    # scaled (Note [Overflow-free sums]): a check, not a hot path
+    scale = _sum_scale(_reduced_size(x.shape, dims))
+    return _max_or_zero(((xc / scale).sum(dims, keepdim=True) - total / scale).abs()) * scale
 
 
 # ---------------------------------------------------------------------------
