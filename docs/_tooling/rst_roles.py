@@ -86,7 +86,8 @@ def _resolve(name: str, obj: Object | Alias, loader: GriffeLoader) -> str | None
         if not path.startswith("sumto"):
             continue
         try:
-            loader.modules_collection[path]
+            # an alias of an object outside sumto (``import zipfile``) cannot be resolved
+            loader.modules_collection[path].is_module  # noqa: B018
         except (KeyError, ValueError, AliasResolutionError, CyclicAliasError):
             continue
         return path
