@@ -566,11 +566,12 @@ class Simplex(_TotalMixin):
         total: Target sum ``c > 0``: a float or a per-slice tensor.
         dim: Dims of each sum; ``None`` means one sum per output unit.
         method: ``"softmax"``, ``"sparsemax"`` or ``"relu"``.
-        temperature: ``T > 0`` dividing the pre-weights (softmax and sparsemax).
+        temperature: ``T`` in ``[1e-30, 1e30]`` dividing the pre-weights (softmax and
+            sparsemax); outside it ``x / T`` or ``T log(p)`` would overflow or vanish.
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If ``total <= 0``, ``temperature <= 0``, ``method`` is unknown or
+        ValueError: If ``total <= 0``, ``temperature`` is outside its range, ``method`` is unknown or
             ``dim`` repeats.
 
     Example:

@@ -287,7 +287,8 @@ def project_simplex(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
     The result is sparse (exact zeros) and shift invariant,
     :math:`P(x + a) = P(x)`. The gradient is the Jacobian on the support
     :math:`I_S - \mathbf{1}_S \mathbf{1}_S^\top / |S|`, computed in O(n).
-    Batched over the dims not in ``dim``.
+    ``-inf`` entries (masked logits) get weight 0, and a slice of ``-inf`` only gets
+    the uniform weights, its limit. Batched over the dims not in ``dim``.
 
     Args:
         x: Floating point tensor.
