@@ -160,13 +160,21 @@ def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Ten
     return y.addcmul_(free, excess, value=-1.0).clamp_(lower, upper)
 
 
-def _project_out_mean(t: Tensor, free: Tensor | None, moved: Tensor | None = None) -> Tensor:
-    """``1_F * (t - (sum_F t - moved) / |F|)`` per row (Note [Jacobian from the free set])."""
+def _free_mean(
+    t: Tensor, free: Tensor | None, moved: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(1_F * t, (sum_F t - moved) / |F|)`` per row (Note [Jacobian from the free set])."""
     kept = t if free is None else t * free
-    shift = kept.sum(-1, keepdim=True) if moved is None else kept.sum(-1, keepdim=True) - moved
+    shift = kept.sum(-1, keepdim=True)
+    if moved is not None:
+        shift = shift - moved
     count = t.shape[-1] if free is None else free.sum(-1, keepdim=True).clamp_min(1.0)
-    shift = shift / count
-    return kept - (shift if free is None else free * shift)
+    return kept, shift / count
+
+
+def _remove_mean(kept: Tensor, free: Tensor | None, mean: Tensor) -> Tensor:
+    """``1_F * (t - mean)`` from ``kept = 1_F * t``."""
+    return kept - (mean if free is None else free * mean)
 
 
 class _ClampShift(torch.autograd.Function):
@@ -186,18 +194,16 @@ class _ClampShift(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:  # type: ignore[override]
         (y,) = ctx.saved_tensors
         free = _free(y, *ctx.bounds)
-        grad_x = _project_out_mean(grad, free)
-        grad_total = None
-        if ctx.needs_input_grad[1]:  # sum_F g / |F|, which is g - grad_x on F
-            count = grad.shape[-1] if free is None else free.sum(-1, keepdim=True).clamp_min(1.0)
-            kept = grad if free is None else grad * free
-            grad_total = kept.sum(-1, keepdim=True) / count
-        return grad_x, grad_total, None, None
+        kept, mean = _free_mean(grad, free)
+        grad_total = mean if ctx.needs_input_grad[1] else None
+        return _remove_mean(kept, free, mean), grad_total, None, None
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor, dtotal: Tensor | None, *_: Any) -> Tensor:
         (y,) = ctx.saved_tensors
-        return _project_out_mean(dx, _free(y, *ctx.bounds), dtotal)
+        free = _free(y, *ctx.bounds)
+        kept, shift = _free_mean(dx, free, dtotal)
+        return _remove_mean(kept, free, shift)
 
     @staticmethod
     def vmap(

@@ -204,11 +204,6 @@ def _finite_wide(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _simplex_sort(x: Tensor, c: Tensor | float) -> Tensor:
-    """Root of ``sum max(x - t, 0) = c`` per row by sorting."""
-    return _one_sided_sort(x, c, 0.0)
-
-
 def _one_sided_sort(x: Tensor, c: Tensor | float, lower: float) -> Tensor:
     """Root of ``sum max(x - t, l) = c`` per row by sorting (Held et al. 1974, Duchi et al. 2008).
 
@@ -266,12 +261,16 @@ def _box_sort(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
 # ---------------------------------------------------------------------------
 
 
-def _simplex_newton_rows(x: Tensor, c: Tensor | float) -> Tensor:
-    shape = (*x.shape[:-1], 1)
+def _as_matrix(x: Tensor, total: Tensor | float) -> tuple[Tensor, Tensor | float]:
+    """Rows ``(..., n)`` as a contiguous ``(R, n)`` matrix, a tensor total as an ``(R, 1)`` column."""
     matrix = x.reshape(-1, x.shape[-1]).contiguous()
-    if isinstance(c, Tensor):
-        c = c.to(x.dtype).expand(shape).reshape(-1, 1)
-    return _simplex_pruned(matrix, c).reshape(shape)
+    if isinstance(total, Tensor):
+        total = total.to(x.dtype).expand(*x.shape[:-1], 1).reshape(-1, 1)
+    return matrix, total
+
+
+def _simplex_newton_rows(x: Tensor, c: Tensor | float) -> Tensor:
+    return _simplex_pruned(*_as_matrix(x, c)).reshape(*x.shape[:-1], 1)
 
 
 def _simplex_lower_bound(x: Tensor, c: Tensor | float) -> Tensor:
@@ -345,7 +344,7 @@ def _simplex_newton(x: Tensor, c: Tensor | float, lo: Tensor) -> Tensor:
             c = c[keep] if isinstance(c, Tensor) else c
         # converged rows stay converged: at their root the step repeats the count
         t, previous = step, count
-    tau[ids] = _simplex_sort(x.to(wide_dtype(x.device)), _wide(c, x)).to(x.dtype)
+    tau[ids] = _one_sided_sort(_finite_wide(x), _wide(c, x), 0.0).to(x.dtype)
     return tau
 
 
@@ -355,12 +354,10 @@ def _simplex_newton(x: Tensor, c: Tensor | float, lo: Tensor) -> Tensor:
 
 
 def _box_newton_rows(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
-    shape = (*x.shape[:-1], 1)
-    matrix = x.reshape(-1, x.shape[-1]).contiguous()
-    c = total.to(x.dtype).expand(shape).reshape(-1, 1) if isinstance(total, Tensor) else total
-    if matrix.shape[0] == 0:
-        return x.new_empty(shape)
-    return _box_newton(matrix, c, lower, upper).reshape(shape)
+    if x.numel() == 0:
+        return x.new_empty(*x.shape[:-1], 1)
+    matrix, c = _as_matrix(x, total)
+    return _box_newton(matrix, c, lower, upper).reshape(*x.shape[:-1], 1)
 
 
 def _box_evaluate(

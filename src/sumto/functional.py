@@ -149,24 +149,22 @@ _sum_scale = _autograd._sum_scale
 
 def _project_sum(x: Tensor, total: Tensor | float, dims: tuple[int, ...]) -> Tensor:
     """``x + (total - sum(x)) / n`` over ``dims``, exact to the rounding of the output."""
-    n = _reduced_size(x.shape, dims)
-    if x.ndim == 0 or n == 1:
-        # A single entry is the total, exactly (x + (total - x) rounds).
+    if x.ndim == 0:
         return torch.zeros_like(x) + total
-    rows = _to_rows(x, dims)
-    out = clamp_shift(rows, _total_rows(total, x, dims), -math.inf, math.inf)
+    out = _project_box_rows(_to_rows(x, dims), _total_rows(total, x, dims), -math.inf, math.inf)
     return _from_rows(out, x.shape, dims)
 
 
 def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
     """Euclidean projection of each row (last dim) onto the simplex scaled by ``total``."""
-    if rows.shape[-1] == 1:
-        return torch.zeros_like(rows) + total
-    return clamp_shift(rows, total, 0.0, math.inf)
+    return _project_box_rows(rows, total, 0.0, math.inf)
 
 
 def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
-    """Euclidean projection of each row onto ``{sum = total, lower <= y <= upper}``."""
+    """Euclidean projection of each row onto ``{sum = total, lower <= y <= upper}``.
+
+    Both bounds infinite is the affine projection, which the same node computes.
+    """
     if rows.shape[-1] == 1:
         # A single entry is the total, exactly (x - (x - total) rounds).
         return torch.zeros_like(rows) + total
@@ -174,8 +172,6 @@ def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: 
     big = torch.finfo(rows.dtype).max
     lower = -math.inf if lower < -big else lower
     upper = math.inf if upper > big else upper
-    if math.isinf(lower) and math.isinf(upper):
-        return _project_sum(rows, total, (rows.ndim - 1,))
     return clamp_shift(rows, total, lower, upper)
 
 
