@@ -261,20 +261,25 @@ def test_newton_and_sort_agree_on_the_simplex(name: str, dtype: torch.dtype) -> 
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("search", SEARCHES)
-@pytest.mark.parametrize("name", list(ONE_SIDED_CASES))
-def test_one_sided_search_matches_the_bisection_reference(
-    name: str, search: str, dtype: torch.dtype
-) -> None:
-    x, total, lower, upper = ONE_SIDED_CASES[name](dtype)
-    expected = box_reference(name, dtype, True)
+def check_box_case(name: str, dtype: torch.dtype, search: str, one_sided: bool) -> None:
+    """``tau`` and the public output of a box case against the bisection reference."""
+    x, total, lower, upper = (ONE_SIDED_CASES if one_sided else BOX_CASES)[name](dtype)
+    expected = box_reference(name, dtype, one_sided)
     with _search.forced(search):  # type: ignore[arg-type]
         check_tau(x, total, lower, upper, expected)
         y = project_box_sum(x, total, lower=lower, upper=upper)
     assert_projection_close(y, expected, scale_of(x, total, lower, upper), what=name)
     assert bool((y >= lower).all() and (y <= upper).all())
     assert_sums(y, total, (-1,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("search", SEARCHES)
+@pytest.mark.parametrize("name", list(ONE_SIDED_CASES))
+def test_one_sided_search_matches_the_bisection_reference(
+    name: str, search: str, dtype: torch.dtype
+) -> None:
+    check_box_case(name, dtype, search, one_sided=True)
 
 
 # ---------------------------------------------------------------------------
@@ -293,14 +298,7 @@ def box_params() -> list[object]:
 def test_box_search_matches_the_bisection_reference(
     name: str, dtype: torch.dtype, search: str
 ) -> None:
-    x, total, lower, upper = BOX_CASES[name](dtype)
-    expected = box_reference(name, dtype, False)
-    with _search.forced(search):  # type: ignore[arg-type]
-        check_tau(x, total, lower, upper, expected)
-        y = project_box_sum(x, total, lower=lower, upper=upper)
-    assert_projection_close(y, expected, scale_of(x, total, lower, upper), what=name)
-    assert bool((y >= lower).all() and (y <= upper).all())
-    assert_sums(y, total, (-1,))
+    check_box_case(name, dtype, search, one_sided=False)
 
 
 @pytest.mark.parametrize("name", ["long-tight-rows-1e5", "long-centred-rows-1e5"])
