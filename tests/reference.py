@@ -290,16 +290,35 @@ def assert_close_scaled(
 # ---------------------------------------------------------------------------
 
 
-def ref_free_set(x: Tensor, total: float | Tensor, lower: float, upper: float) -> Tensor:
+Bound = float | Tensor
+
+
+def _ref_box_1d(x: Tensor, total: float | Tensor, lower: Bound, upper: Bound) -> Tensor:
+    """The reference projection of a 1-D ``x`` (float or per-entry bounds)."""
+    rows = x.double().reshape(1, -1)
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        return ref_project_box_entries(rows, _scalar(total), (-1,), lower, upper)[0]
+    return ref_project_box_sum(rows, _scalar(total), (-1,), lower, upper)[0]
+
+
+def _unbounded(lower: Bound, upper: Bound) -> bool:
+    return (
+        not isinstance(lower, Tensor)
+        and not isinstance(upper, Tensor)
+        and (math.isinf(lower) and math.isinf(upper))
+    )
+
+
+def ref_free_set(x: Tensor, total: float | Tensor, lower: Bound, upper: Bound) -> Tensor:
     """Boolean free set ``{lower < y < upper}`` of the reference projection of a 1-D ``x``."""
-    if math.isinf(lower) and math.isinf(upper):
+    if _unbounded(lower, upper):
         return torch.ones_like(x, dtype=torch.bool)
-    y = ref_project_box_sum(x.double().reshape(1, -1), _scalar(total), (-1,), lower, upper)[0]
+    y = _ref_box_1d(x, total, lower, upper)
     return (y > lower) & (y < upper)
 
 
 def ref_clamp_shift_jacobian(
-    x: Tensor, total: float | Tensor, lower: float, upper: float
+    x: Tensor, total: float | Tensor, lower: Bound, upper: Bound
 ) -> tuple[Tensor, Tensor]:
     """Jacobians of ``clamp(x - tau, lower, upper)`` (sum ``total``) at a 1-D ``x``, float64.
 
@@ -314,20 +333,24 @@ def ref_clamp_shift_jacobian(
     return jac_x, free / max(count, 1.0)
 
 
-def kink_margin(x: Tensor, total: float | Tensor, lower: float, upper: float) -> float:
+def kink_margin(x: Tensor, total: float | Tensor, lower: Bound, upper: Bound) -> float:
     """Distance of the reference ``x - tau`` (1-D ``x``) to the nearest finite bound."""
-    if math.isinf(lower) and math.isinf(upper):
+    if _unbounded(lower, upper):
         return math.inf
     rows = x.double().reshape(1, -1)
-    y = ref_project_box_sum(rows, _scalar(total), (-1,), lower, upper)[0]
+    y = _ref_box_1d(x, total, lower, upper)
     free = (y > lower) & (y < upper)
     # the unclamped value x - tau: on F it is y; off F it is x - tau with the same tau
     tau = float((rows[0] - y)[free].mean()) if bool(free.any()) else math.nan
     if math.isnan(tau):
         return 0.0
     shifted = rows[0] - tau
-    distances = [(shifted - b).abs().min() for b in (lower, upper) if math.isfinite(b)]
-    return float(min(distances))
+    distances = [
+        float((shifted - torch.as_tensor(b, dtype=torch.float64)).abs()[finite].min())
+        for b in (lower, upper)
+        if bool((finite := torch.isfinite(torch.as_tensor(b).expand(shifted.shape))).any())
+    ]
+    return min(distances)
 
 
 def fd_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, step: float = 1e-6) -> Tensor:
@@ -523,3 +546,50 @@ def run_inspect(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, st
     status = cli_main(["inspect", str(path)])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------
+# per-entry bounds
+# ---------------------------------------------------------------------------
+
+
+def ref_project_box_entries(
+    x: Tensor,
+    total: float | Tensor,
+    dims: Sequence[int],
+    lower: float | Tensor,
+    upper: float | Tensor,
+    iters: int = 300,
+) -> Tensor:
+    """``clamp(x - tau, l, u)`` with per-entry bounds (broadcastable to ``x``), float64.
+
+    ``tau`` by bisection on a bracket that contains the root, then in closed form on
+    the free set the bisection found (as :func:`ref_project_box_sum`).
+    """
+    x = x.double()
+    rows, shape = as_rows(x, dims)
+    low = as_rows(torch.as_tensor(lower, dtype=torch.float64).expand(x.shape), dims)[0]
+    high = as_rows(torch.as_tensor(upper, dtype=torch.float64).expand(x.shape), dims)[0]
+    t = total_rows(total, x, dims)
+    finite = [
+        v[torch.isfinite(v)].abs().max() for v in (low, high) if bool(torch.isfinite(v).any())
+    ]
+    span = float(rows.abs().max()) + float(t.abs().max()) + sum(float(v) for v in finite) + 1.0
+    left = torch.full_like(t, -4 * span)
+    right = torch.full_like(t, 4 * span)
+    for _ in range(iters):
+        mid = 0.5 * (left + right)
+        s = torch.clamp(rows - mid, low, high).sum(1, keepdim=True)
+        too_big = s > t
+        left = torch.where(too_big, mid, left)
+        right = torch.where(too_big, right, mid)
+    tau = 0.5 * (left + right)
+    y = torch.clamp(rows - tau, low, high)
+    free = (rows - tau > low) & (rows - tau < high)
+    nfree = free.sum(1, keepdim=True)
+    fixed = torch.where(free, torch.zeros_like(y), y).sum(1, keepdim=True)
+    exact_tau = (torch.where(free, rows, 0.0).sum(1, keepdim=True) - (t - fixed)) / nfree.clamp_min(
+        1
+    )
+    y = torch.where(free & (nfree > 0), rows - exact_tau, y)
+    return from_rows(y, shape, dims)

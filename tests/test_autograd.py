@@ -33,6 +33,7 @@ from reference import (
     fd_jacobian,
     kink_margin,
     ref_clamp_shift_jacobian,
+    ref_project_box_entries,
     ref_project_box_sum,
     ref_project_simplex,
     ref_project_sum,
@@ -68,8 +69,8 @@ def batch_of_points(seed: int, batch: int = 4) -> Tensor:
 @dataclass(frozen=True)
 class Map:
     name: str
-    lower: float
-    upper: float
+    lower: float | Tensor
+    upper: float | Tensor
     total: float
 
     def __call__(self, x: Tensor, total: Tensor | float | None = None) -> Tensor:
@@ -90,6 +91,8 @@ class Map:
             out = ref_project_sum(rows, c)
         elif self.name == "project_simplex":
             out = ref_project_simplex(rows, c)
+        elif isinstance(self.lower, Tensor) or isinstance(self.upper, Tensor):
+            out = ref_project_box_entries(rows, c, (-1,), self.lower, self.upper)
         else:
             out = ref_project_box_sum(rows, c, (-1,), self.lower, self.upper)
         return out.reshape(x.shape)
@@ -106,6 +109,12 @@ MAPS = [
     Map("box-two-sided", -0.3, 0.45, 0.5),
     Map("box-lower-only", -0.2, math.inf, 0.4),
     Map("box-upper-only", -math.inf, 0.3, 0.1),
+    Map(
+        "box-per-entry",
+        torch.tensor([-0.3, -0.2, -0.5, -0.3, -0.1, -0.4, -0.3], dtype=F64),
+        torch.tensor([0.45, 0.6, 0.3, 0.45, 0.5, 0.35, 0.45], dtype=F64),
+        0.5,
+    ),
 ]
 MAP_IDS = [m.name for m in MAPS]
 maps = pytest.mark.parametrize("fn", MAPS, ids=MAP_IDS)

@@ -405,3 +405,89 @@ def test_constraints_are_modules_usable_with_register_parametrization() -> None:
     parametrize.register_parametrization(lin, "weight", c)
     assert_sums(lin.weight.detach(), 1.0, (1,))
     assert bool((lin.weight >= 0).all())
+
+
+# ---------------------------------------------------------------------------
+# BoxSum with per-entry bounds
+# ---------------------------------------------------------------------------
+
+CAPS = torch.tensor([0.5, 0.3, 0.4, 0.6])
+
+
+def capped_linear(upper: Tensor = CAPS, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return sumto.box_sum(nn.Linear(4, 3), lower=0.0, upper=upper)
+
+
+def test_per_entry_bounds_register_and_hold() -> None:
+    lin = capped_linear()
+    w = lin.weight.detach()
+    assert bool((w >= 0).all() and (w <= CAPS).all())
+    torch.testing.assert_close(w.sum(1), torch.ones(3))
+    box = lin.parametrizations.weight[0]
+    assert "upper=Tensor(shape=(4,))" in repr(box) and "lower=0" in repr(box)
+    assert float(box.violation(w)) <= box.tolerance(w)
+    lin.weight = w  # what it produced it accepts back
+    with pytest.raises(ValueError, match="expected"):
+        lin.weight = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 3)  # above the first cap
+
+
+def test_per_entry_bounds_are_saved_and_checked_on_load() -> None:
+    sd = capped_linear().state_dict()
+    assert torch.equal(sd["parametrizations.weight.0.upper"], CAPS)
+    other = capped_linear(CAPS * 0.5 + 0.3, seed=1)
+    other.load_state_dict(sd)
+    assert torch.equal(other.parametrizations.weight[0].upper, CAPS)
+    scalar = sumto.box_sum(nn.Linear(4, 3), lower=0.0, upper=1.0)
+    with pytest.raises(ValueError, match="'upper': 'tensor'"):
+        scalar.load_state_dict(sd)
+    bad = dict(sd)
+    bad["parametrizations.weight.0.upper"] = torch.full((4,), 0.1)  # sum 0.4 < total 1
+    with pytest.raises(ValueError, match="sum\\(upper\\)"):
+        capped_linear().load_state_dict(bad)
+    bad["parametrizations.weight.0.upper"] = torch.ones(5)
+    with pytest.raises(ValueError, match="of shape \\(4,\\)"):
+        capped_linear().load_state_dict(bad)
+
+
+def test_per_entry_bounds_keep_their_precision_and_follow_the_device() -> None:
+    lin = capped_linear()
+    box = lin.parametrizations.weight[0]
+    lin.half()
+    assert box.upper.dtype == torch.float32  # the set is not rounded
+    lin.double()
+    assert box.upper.dtype == torch.float64
+    w = lin.weight
+    assert w.dtype == torch.float64 and bool((w <= CAPS.double()).all())
+
+
+def test_per_entry_bounds_on_the_meta_device_load_later() -> None:
+    sd = capped_linear().state_dict()
+    with torch.device("meta"):
+        lin = sumto.box_sum(nn.Linear(4, 3), lower=0.0, upper=torch.ones(4))
+    lin.to_empty(device="cpu")
+    lin.load_state_dict(sd)
+    assert torch.equal(lin.parametrizations.weight[0].upper, CAPS)
+    torch.testing.assert_close(lin.weight.sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("lower", "upper", "message"),
+    [
+        (0.0, torch.ones(3), "broadcastable to the constrained tensor's shape \\(3, 4\\)"),
+        (0.0, torch.full((3, 4), 0.2), "in the slice at index \\(0,\\)"),
+        (torch.zeros(4), torch.tensor([1.0, -1.0, 1.0, 1.0]), "at index \\(1,\\)"),
+    ],
+)
+def test_bad_per_entry_bounds_are_refused(lower: object, upper: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sumto.box_sum(nn.Linear(4, 3), lower=lower, upper=upper)  # type: ignore[arg-type]
+
+
+def test_per_entry_bounds_project_other_shapes_and_bake() -> None:
+    lin = capped_linear()
+    box = lin.parametrizations.weight[0]
+    y = box.project(torch.randn(7, 4))  # bounds broadcast over other leading shapes
+    assert bool((y <= CAPS).all() and (y >= 0).all())
+    sumto.bake(lin)
+    assert isinstance(lin.weight, nn.Parameter) and bool((lin.weight <= CAPS).all())

@@ -22,6 +22,7 @@ from reference import (
     as_rows,
     assert_matches_reference,
     assert_sums,
+    ref_project_box_entries,
     ref_project_box_sum,
     ref_project_simplex,
     ref_project_sum,
@@ -743,3 +744,163 @@ def test_project_sum_of_entries_near_the_dtype_max_stays_finite(
     xd = x.double()
     expected = xd + (0.25 - (xd / 4).sum(-1, keepdim=True))  # the mean, without overflow
     assert float((y.double() - expected).abs().max()) <= 4 * torch.finfo(dtype).eps * big
+
+
+# ---------------------------------------------------------------------------
+# per-entry bounds
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def entry_box_problems(draw: st.DrawFn) -> tuple:
+    """x's shape and dims, per-entry bounds (a broadcastable shape, some entries fixed,
+    infinite entries on at most one side) and a feasible total per slice."""
+    shape, dim, dims = draw(shape_and_dim(max_ndim=3))
+    # bounds of x's shape, or of a shape broadcasting to it (leading 1s)
+    bshape = tuple(1 if draw(st.booleans()) else s for s in shape)
+    a = draw(tensors(bshape, -5.0, 5.0))
+    width = draw(tensors(bshape, 0.0, 4.0))
+    width = torch.where(width < 0.5, torch.zeros_like(width), width)  # fixed entries
+    lower, upper = a, a + width
+    side = draw(st.sampled_from(["both", "no upper", "no lower", "scalar lower"]))
+    if side == "no upper":
+        upper = torch.where(width > 3.0, math.inf, upper)
+    elif side == "no lower":
+        lower = torch.where(width > 3.0, -math.inf, lower)
+    low_sum = lower.expand(shape).sum(dims, keepdim=True)
+    high_sum = upper.expand(shape).sum(dims, keepdim=True)
+    finite_low = torch.where(low_sum.isinf(), high_sum - 50.0, low_sum)
+    finite_high = torch.where(high_sum.isinf(), finite_low + 100.0, high_sum)
+    frac = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]))
+    total = (finite_low + frac * (finite_high - finite_low)).clamp(finite_low, finite_high)
+    if side == "scalar lower":
+        return shape, dim, dims, float(a.min()), upper.clamp_min(float(a.min())), None
+    return shape, dim, dims, lower, upper, total
+
+
+@given(problem=entry_box_problems(), data=st.data(), dtype=st.sampled_from(DTYPES[:2]))
+def test_per_entry_bounds_match_the_bisection_reference(
+    problem: tuple, data: st.DataObject, dtype: torch.dtype
+) -> None:
+    shape, dim, dims, lower, upper, total = problem
+    if total is None:  # a scalar lower bound: pick a total between the slice sums
+        low = lower * slice_size(shape, dims)
+        high = upper.expand(shape).sum(dims, keepdim=True)
+        total = low + 0.5 * (high - low)
+    x = data.draw(tensors(shape, -20.0, 20.0)).to(dtype)
+    y = project_box_sum(x, total, dim, lower=lower, upper=upper)
+    assert y.dtype == dtype and y.shape == x.shape
+    expected = ref_project_box_entries(x, total, dims, lower, upper)
+    finite = [b[b.isfinite()].abs() for b in (torch.as_tensor(lower), upper)]
+    mass = slice_size(shape, dims) * max([float(b.max()) for b in finite if b.numel()] + [0.0])
+    assert_matches_reference(y, expected, x, total, dims, mass)
+    low = torch.as_tensor(lower, dtype=dtype)
+    assert bool((y >= low).all()) and bool((y <= upper.to(dtype)).all()), "outside the bounds"
+    assert_sums(y, total, dims, source=x)
+
+
+def test_capped_simplex_exact_values_and_fixed_entries() -> None:
+    caps = torch.tensor([0.5, 0.3, 0.4])
+    y = project_box_sum(torch.tensor([3.0, 2.0, 0.0]), 1.0, lower=0.0, upper=caps)
+    assert torch.equal(y[:2], caps[:2])  # entries on their caps are the caps, exactly
+    torch.testing.assert_close(y, torch.tensor([0.5, 0.3, 0.2]), rtol=0, atol=2e-7)
+    # an entry with lower == upper keeps that value whatever the input
+    lower = torch.tensor([0.0, 0.25, 0.0, 0.0])
+    upper = torch.tensor([1.0, 0.25, 1.0, 1.0])
+    y = project_box_sum(torch.tensor([[5.0, -3.0, 0.0, 1.0]]), 1.0, lower=lower, upper=upper)
+    assert float(y[0, 1]) == 0.25 and abs(float(y.sum()) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("lower", "upper"), [(-0.3, 0.4), (0.0, math.inf), (-math.inf, 0.5)])
+def test_uniform_tensor_bounds_equal_float_bounds(
+    dtype: torch.dtype, lower: float, upper: float
+) -> None:
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    want = project_box_sum(x, 1.0, lower=lower, upper=upper)
+    full_lower = torch.full((9,), lower, dtype=torch.float64)
+    got = project_box_sum(x, 1.0, lower=full_lower, upper=torch.tensor(upper, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=0, atol=8 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_and_one_sided_tensor_bounds_keep_the_total(dtype: torch.dtype) -> None:
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for lower, upper in [
+        (torch.zeros(12), torch.full((12,), 1e30)),
+        (torch.full((12,), -1e4), torch.full((12,), math.inf)),
+        (torch.full((12,), -math.inf), torch.linspace(0.0, 1e4, 12)),
+    ]:
+        y = project_box_sum(x, 1.0, lower=lower, upper=upper)
+        expected = ref_project_box_entries(x, 1.0, (-1,), lower, upper)
+        assert_matches_reference(y, expected, x, 1.0, (-1,))
+        assert_sums(y, 1.0, (-1,), source=x)
+
+
+def test_per_entry_bounds_over_several_dims_with_a_tensor_total() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    upper = torch.rand(3, 5, generator=g, dtype=torch.float64) + 0.2
+    total = torch.rand(4, generator=g, dtype=torch.float64)  # reduced shape
+    y = project_box_sum(x, total, (1, 2), lower=0.0, upper=upper)
+    expected = ref_project_box_entries(x, total, (1, 2), 0.0, upper)
+    assert_matches_reference(y, expected, x, total, (1, 2))
+
+
+def test_per_entry_bounds_gradcheck_and_jacobian() -> None:
+    g = torch.Generator().manual_seed(2)
+    lower = -torch.rand(7, generator=g, dtype=torch.float64) * 0.3
+    upper = torch.rand(7, generator=g, dtype=torch.float64) * 0.5 + 0.1
+    x = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    total = torch.tensor([[0.5], [1.0], [0.2]], dtype=torch.float64, requires_grad=True)
+
+    def fn(x: Tensor, total: Tensor) -> Tensor:
+        return project_box_sum(x, total, lower=lower, upper=upper)
+
+    assert torch.autograd.gradcheck(fn, (x, total))
+    y = fn(x, total).detach()
+    free = ((y > lower) & (y < upper)).double()[0]
+    jac = torch.func.jacrev(lambda r: fn(r, total.detach()[:1]))(x.detach()[:1])[0, :, 0]
+    want = torch.diag(free) - torch.outer(free, free) / free.sum().clamp_min(1.0)
+    torch.testing.assert_close(jac, want)
+
+
+@pytest.mark.parametrize(
+    ("lower", "upper", "error", "message"),
+    [
+        (
+            0.0,
+            torch.full((3,), 0.2),
+            ValueError,
+            "sum\\(upper\\)=0.6 in the slice at index \\(0,\\)",
+        ),
+        (torch.tensor([0.5, 0.5, 0.5]), 1.0, ValueError, "sum\\(lower\\)=1.5"),
+        (torch.zeros(4), 1.0, ValueError, "broadcastable to the constrained tensor's shape"),
+        (
+            torch.tensor([0.0, 0.9, 0.0]),
+            torch.tensor([1.0, 0.8, 1.0]),
+            ValueError,
+            "at index \\(1,\\)",
+        ),
+        (torch.tensor([0.0, math.nan, 0.0]), 1.0, ValueError, "without NaN"),
+        (
+            torch.tensor([0.0, -math.inf, 0.0]),
+            torch.tensor([1.0, math.inf, 1.0]),
+            ValueError,
+            "one side only",
+        ),
+        (torch.tensor([0.0, math.inf, 0.0]), math.inf, ValueError, "every lower < inf"),
+        (torch.zeros(3, dtype=torch.complex64), 1.0, TypeError, "real tensor"),
+        (torch.zeros(2), torch.ones(3), ValueError, "broadcastable to each other"),
+    ],
+)
+def test_bad_per_entry_bounds_raise(
+    lower: object, upper: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        project_box_sum(torch.zeros(2, 3), 1.0, lower=lower, upper=upper)  # type: ignore[arg-type]
+
+
+def test_integer_per_entry_bounds_are_accepted() -> None:
+    y = project_box_sum(torch.tensor([4.0, 1.0, 0.0]), 2.0, lower=0, upper=torch.tensor([1, 1, 1]))
+    assert torch.equal(y, torch.tensor([1.0, 1.0, 0.0]))

@@ -24,6 +24,7 @@ from torch import Tensor
 from reference import (
     assert_projection_close,
     assert_sums,
+    ref_project_box_entries,
     ref_project_box_sum,
     ref_project_simplex,
 )
@@ -492,3 +493,82 @@ def test_one_sided_output_close_to_its_bound_keeps_the_total(search: str) -> Non
     expected = ref_project_box_sum(x.double(), 1e-3, (-1,), -1e-5, math.inf)  # [1.01e-3, -1e-5]
     assert_sums(y, 1e-3, (-1,))
     assert_projection_close(y, expected, 1e-3)
+
+
+# ---------------------------------------------------------------------------
+# per-entry bounds (sorted breakpoints of both kinds)
+# ---------------------------------------------------------------------------
+
+
+def entry_params() -> list[object]:
+    return [
+        pytest.param(name, dtype, one_sided, id=f"{name}-{dtype}")
+        for one_sided, cases in ((False, BOX_CASES), (True, ONE_SIDED_CASES))
+        for name in cases
+        for dtype in DTYPES
+    ]
+
+
+@pytest.mark.parametrize(("name", "dtype", "one_sided"), entry_params())
+def test_per_entry_search_on_every_box_case_matches_the_reference(
+    name: str, dtype: torch.dtype, one_sided: bool
+) -> None:
+    """The box cases with their bounds given per entry: the same set, the same projection."""
+    x, total, lower, upper = (ONE_SIDED_CASES if one_sided else BOX_CASES)[name](dtype)
+    expected = box_reference(name, dtype, one_sided)
+    n = x.shape[-1]
+    full_lower = torch.full((n,), lower, dtype=torch.float64)
+    y = project_box_sum(x, total, lower=full_lower, upper=torch.tensor(upper, dtype=torch.float64))
+    assert_projection_close(y, expected, scale_of(x, total, lower, upper), what=name)
+    assert bool((y >= lower).all() and (y <= upper).all())
+    assert_sums(y, total, (-1,))
+
+
+ENTRY_CASES: dict[str, Callable[[torch.dtype], tuple[Tensor, Total, Tensor, Tensor]]] = {
+    "caps-long-rows-1e5": lambda d: (
+        randn(60, 2, 100_000, dtype=d),
+        1.0,
+        torch.zeros(100_000),
+        torch.rand(100_000, generator=generator(61)) * 1e-4,
+    ),
+    "integers-in-varied-narrow-boxes": lambda d: (
+        torch.randint(-5, 6, (64, 333), generator=generator(62)).to(d),
+        10.0,
+        torch.rand(333, generator=generator(63)) * 0.01,
+        0.1 + torch.rand(333, generator=generator(64)) * 0.2,
+    ),
+    "huge-caps-small-rows": lambda d: (
+        randn(65, 64, 9, dtype=d),
+        1.0,
+        torch.zeros(9),
+        torch.full((9,), 1e30),
+    ),
+    "fixed-and-free-mix": lambda d: (
+        randn(66, 32, 50, dtype=d),
+        0.0,
+        torch.where(torch.arange(50) % 3 == 0, 0.01, -1.0),
+        torch.where(torch.arange(50) % 3 == 0, 0.01, 1.0),
+    ),
+    "per-row-bounds": lambda d: (
+        randn(67, 16, 700, dtype=d),
+        torch.rand(16, 1, generator=generator(68)).to(d),
+        -torch.rand(16, 700, generator=generator(69)) * 1e-3,
+        torch.rand(16, 700, generator=generator(70)) * 1e-2,
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(ENTRY_CASES))
+def test_per_entry_search_on_varied_bounds_matches_the_reference(
+    name: str, dtype: torch.dtype
+) -> None:
+    x, total, lower, upper = ENTRY_CASES[name](dtype)
+    t = total.double() if isinstance(total, Tensor) else total
+    expected = ref_project_box_entries(x.double(), t, (-1,), lower.double(), upper.double())
+    y = project_box_sum(x, total, lower=lower, upper=upper)
+    bound = float(torch.cat([lower.abs().reshape(-1), upper.abs().reshape(-1)]).max())
+    scale = max(scale_of(x, total), min(bound, float(x.abs().max()) + 1.0))
+    assert_projection_close(y, expected, scale, what=name)
+    assert bool((y >= lower.to(dtype)).all() and (y <= upper.to(dtype)).all())
+    assert_sums(y, total, (-1,))

@@ -66,18 +66,21 @@ from torch import Tensor
 
 from sumto import _search
 from sumto._compat import eager, is_compiling, transforming
+from sumto._search import Bound
 
 __all__ = ["clamp_shift", "slice_mean"]
 
 
-def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def clamp_shift(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
     """``clamp(x - tau, lower, upper)`` per row (last dim) summing to ``total``.
 
     Args:
         x: Rows ``(..., n)``, float32 or float64.
         total: Float, or tensor of shape ``(..., 1)`` (expanded views are fine).
-        lower: Lower bound, ``-inf`` allowed.
-        upper: Upper bound, ``inf`` allowed; not both infinite.
+        lower: Lower bound, ``-inf`` allowed; or finite per-entry bounds, a tensor of
+            ``x``'s dtype broadcastable to ``x`` (not differentiated).
+        upper: Upper bound, ``inf`` allowed, not both infinite; or finite per-entry
+            bounds as ``lower`` (then both are tensors).
 
     Returns:
         Tensor of ``x``'s shape and dtype.
@@ -92,17 +95,30 @@ def clamp_shift(x: Tensor, total: Tensor | float, lower: float, upper: float) ->
     return out
 
 
-def _free(y: Tensor, lower: float, upper: float) -> Tensor | None:
+def _infinite(bound: Bound) -> bool:
+    return not isinstance(bound, Tensor) and math.isinf(bound)
+
+
+def _clamp_(y: Tensor, lower: Bound, upper: Bound) -> Tensor:
+    """``y.clamp_(lower, upper)``; per-entry bounds come as two tensors."""
+    if isinstance(lower, Tensor) and isinstance(upper, Tensor):
+        return y.clamp_(lower, upper)
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        raise TypeError("expected both bounds as tensors or both as floats")
+    return y.clamp_(lower, upper)
+
+
+def _free(y: Tensor, lower: Bound, upper: Bound) -> Tensor | None:
     """0/1 indicator of the free set ``lower < y < upper`` (``y`` within the bounds).
 
     ``None`` for the affine map (no finite bound), whose free set is every entry.
     Float sign arithmetic: comparisons and bool-to-float copies are slow on CPU.
     """
-    if math.isinf(lower) and math.isinf(upper):
+    if _infinite(lower) and _infinite(upper):
         return None
-    if math.isinf(upper):
+    if _infinite(upper):
         return torch.sign(y - lower) if lower != 0.0 else torch.sign(y)
-    if math.isinf(lower):
+    if _infinite(lower):
         return torch.sign(upper - y)
     return torch.sub(y, lower).mul_(torch.rsub(y, upper)).sign_()
 
@@ -134,9 +150,9 @@ def slice_mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     return torch.where(torch.isfinite(plain), plain / n, scaled)
 
 
-def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def _assemble(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
     """The output, without autograd: shift, search, clamp, and Note [Sum refinement]."""
-    if math.isinf(lower) and math.isinf(upper):  # the affine map: tau in closed form
+    if _infinite(lower) and _infinite(upper):  # the affine map: tau in closed form
         return _refine(x + (total / x.shape[-1] - slice_mean(x, (-1,))), total, lower, upper)
     top = x.amax(-1, keepdim=True)
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
@@ -146,10 +162,10 @@ def _assemble(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
     y = shifted.sub_(head)
     if tau.dtype != x.dtype:  # Note [Shift in two parts]
         y.sub_((tau - head).to(x.dtype))
-    return _refine(y.clamp_(lower, upper), total, lower, upper)
+    return _refine(_clamp_(y, lower, upper), total, lower, upper)
 
 
-def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def _refine(y: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
     """Note [Sum refinement], in place on ``y``."""
     free = _free(y, lower, upper)
     if free is None:
@@ -157,7 +173,7 @@ def _refine(y: Tensor, total: Tensor | float, lower: float, upper: float) -> Ten
         # a correction that overflows (entries near the dtype's max) is dropped, not nan
         return y.add_(correction.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
     excess = (y.sum(-1, keepdim=True) - total) / free.sum(-1, keepdim=True).clamp_min(1.0)
-    return y.addcmul_(free, excess, value=-1.0).clamp_(lower, upper)
+    return _clamp_(y.addcmul_(free, excess, value=-1.0), lower, upper)
 
 
 def _free_mean(
@@ -179,29 +195,36 @@ def _remove_mean(kept: Tensor, free: Tensor | None, mean: Tensor) -> Tensor:
 
 class _ClampShift(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:  # type: ignore[override]
         with torch.no_grad():
             return _assemble(x, total, lower, upper)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         _, _, lower, upper = inputs
-        ctx.bounds = (lower, upper)
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        # per-entry bounds are saved as tensors (the free set is read from y and them)
+        saved = [output] + [b for b in (lower, upper) if isinstance(b, Tensor)]
+        ctx.bounds = tuple(None if isinstance(b, Tensor) else b for b in (lower, upper))
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def _free_set(ctx: Any) -> tuple[Tensor, Tensor | None]:
+        """``(y, free indicator)`` from the saved tensors."""
+        y, *tensors = ctx.saved_tensors
+        bounds = [b if b is not None else tensors.pop(0) for b in ctx.bounds]
+        return y, _free(y, *bounds)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        free = _free(y, *ctx.bounds)
+        free = _ClampShift._free_set(ctx)[1]
         kept, mean = _free_mean(grad, free)
         grad_total = mean if ctx.needs_input_grad[1] else None
         return _remove_mean(kept, free, mean), grad_total, None, None
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor, dtotal: Tensor | None, *_: Any) -> Tensor:
-        (y,) = ctx.saved_tensors
-        free = _free(y, *ctx.bounds)
+        free = _ClampShift._free_set(ctx)[1]
         kept, shift = _free_mean(dx, free, dtotal)
         return _remove_mean(kept, free, shift)
 
@@ -211,8 +234,8 @@ class _ClampShift(torch.autograd.Function):
         in_dims: tuple[Any, ...],
         x: Tensor,
         total: Tensor | float,
-        lower: float,
-        upper: float,
+        lower: Bound,
+        upper: Bound,
     ) -> tuple[Tensor, int]:
         x_dim, total_dim = in_dims[0], in_dims[1]
         x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
@@ -222,7 +245,12 @@ class _ClampShift(torch.autograd.Function):
             else:
                 total = total.expand(info.batch_size, *total.shape)
             total = total.expand(*x.shape[:-1], 1)
-        return clamp_shift(x, total, lower, upper), 0
+        # per-entry bounds broadcast against the moved x; batched ones move to dim 0
+        bounds = [
+            b.movedim(d, 0) if isinstance(b, Tensor) and d is not None else b
+            for b, d in ((lower, in_dims[2]), (upper, in_dims[3]))
+        ]
+        return clamp_shift(x, total, bounds[0], bounds[1]), 0
 
 
 class _ClampShiftCompiled(_ClampShift):
@@ -247,7 +275,7 @@ class _ClampShiftEager(_ClampShift):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, total: Tensor | float, lower: float, upper: float
+        ctx: Any, x: Tensor, total: Tensor | float, lower: Bound, upper: Bound
     ) -> Tensor:
         with torch.no_grad():
             y = _assemble(x, total, lower, upper)

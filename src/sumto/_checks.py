@@ -186,6 +186,107 @@ def check_box(total: Total, n: int, lower: float, upper: float) -> None:
         )
 
 
+Bound = float | int | Tensor
+
+
+def check_bound_tensors(lower: Bound, upper: Bound) -> None:
+    """Validate per-entry bounds without a shape: types, NaN, ``lower <= upper``, infinities.
+
+    At least one of ``lower``/``upper`` is a tensor; a float one is checked as a
+    number. Infinite entries are allowed on one side only: the set must then be
+    bounded on the other, which is what keeps the projection's search finite.
+    """
+    values = {}
+    for name, bound in (("lower", lower), ("upper", upper)):
+        if isinstance(bound, Tensor):
+            if not bound.dtype.is_floating_point and bound.dtype not in _INTEGER_DTYPES:
+                raise TypeError(f"expected {name} to be a real tensor, got dtype {bound.dtype}")
+            values[name] = bound.detach()
+        elif math.isnan(check_number(bound, name)):
+            raise ValueError(f"expected {name} to be a number, got nan")
+        else:
+            values[name] = torch.tensor(float(bound), dtype=torch.float64)
+    lo, hi = values["lower"], values["upper"]
+    try:
+        torch.broadcast_shapes(lo.shape, hi.shape)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        raise ValueError(
+            f"expected lower and upper broadcastable to each other, got shapes "
+            f"{tuple(lo.shape)} and {tuple(hi.shape)}"
+        ) from None
+    if not all(readable(v) and not v.is_meta for v in (lo, hi)):
+        return
+    lo, hi = lo.double().cpu(), hi.double().cpu()
+    for name, v in (("lower", lo), ("upper", hi)):
+        if bool(v.isnan().any()):
+            raise ValueError(f"expected {name} without NaN entries, got {v}")
+    if bool((lo == math.inf).any()) or bool((hi == -math.inf).any()):
+        raise ValueError("expected every lower < inf and every upper > -inf, got an infinite one")
+    if bool((lo == -math.inf).any()) and bool((hi == math.inf).any()):
+        raise ValueError(
+            "expected infinite bounds on one side only (every lower finite, or every upper "
+            "finite), got -inf in lower and inf in upper"
+        )
+    bad = (lo > hi).nonzero()
+    if bad.shape[0] > 0:
+        index = tuple(bad[0].tolist())
+        shape = torch.broadcast_shapes(lo.shape, hi.shape)  # type: ignore[no-untyped-call]
+        lo_b, hi_b = lo.expand(shape), hi.expand(shape)
+        raise ValueError(
+            f"expected lower <= upper for every entry, got lower={float(lo_b[index]):g} > "
+            f"upper={float(hi_b[index]):g} at index {index}"
+        )
+
+
+def check_box_entries(
+    total: Total, shape: Sequence[int], dims: tuple[int, ...], lower: Bound, upper: Bound
+) -> None:
+    """ValueError when a slice's set ``{sum = total, lower <= y <= upper}`` is empty.
+
+    Per-entry bounds (tensors broadcastable to ``shape``); the message names the
+    first infeasible slice by its index over the dims not summed.
+    """
+    check_bound_tensors(lower, upper)
+    shape = tuple(shape)
+    for name, bound in (("lower", lower), ("upper", upper)):
+        if isinstance(bound, Tensor):
+            try:
+                ok = torch.broadcast_shapes(bound.shape, shape) == shape  # type: ignore[no-untyped-call]
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"expected {name} broadcastable to the constrained tensor's shape {shape}, "
+                    f"got shape {tuple(bound.shape)}"
+                )
+    tensors = [b for b in (lower, upper, total) if isinstance(b, Tensor)]
+    if not all(readable(t) and not t.is_meta for t in tensors):
+        return
+
+    def slice_sums(bound: Bound) -> Tensor:
+        full = torch.as_tensor(bound, dtype=torch.float64).detach().cpu().expand(shape)
+        return full.sum(dims, keepdim=True) if len(shape) > 0 else full
+
+    low, high = slice_sums(lower), slice_sums(upper)
+    keep = keep_shape(shape, dims)
+    t = torch.as_tensor(total, dtype=torch.float64).detach().cpu()
+    t = t.reshape(broadcast_total_shape(tuple(t.shape), shape, dims)).expand(keep)
+    # a relative slack: the sums of the bounds round at their own scale
+    eps = 8 * torch.finfo(torch.float64).eps
+    too_low, too_high = t < low - eps * low.abs(), t > high + eps * high.abs()
+    for bad, what in ((too_low, "sum(lower)"), (too_high, "sum(upper)")):
+        where = bad.nonzero()
+        if where.shape[0] > 0:
+            index = tuple(where[0].tolist())
+            side = low if what == "sum(lower)" else high
+            other = tuple(i for k, i in enumerate(index) if k not in dims)
+            raise ValueError(
+                f"expected sum(lower) <= total <= sum(upper) in every slice, got total="
+                f"{float(t[index]):g} and {what}={float(side[index]):g} in the slice at "
+                f"index {other} (over the dims not summed)"
+            )
+
+
 # Temperatures outside this range make ``x / T`` or ``T * log(p)`` overflow or
 # underflow to 0 in float32, the narrowest dtype the maps compute in.
 TEMPERATURE_RANGE = (1e-30, 1e30)

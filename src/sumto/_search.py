@@ -17,6 +17,7 @@ affine sum      none (closed form)                        none
 one-sided       sort (Held/Duchi), :func:`_one_sided_sort`  pruned Newton (:func:`_simplex_pruned`)
 (simplex)
 two-sided box   sorted breakpoints, :func:`_box_sort`     safeguarded Newton (:func:`_box_newton`)
+per-entry box   sorted breakpoints, :func:`_box_sort_entries`  none
 ==============  ========================================  ================================
 
 The sort-based searches run wherever data-dependent control flow is not free: on
@@ -53,6 +54,20 @@ smallest), ``h(t) = l K_l + u K_u + (P_{n - K_u} - P_{K_l}) - t (n - K_l - K_u)`
 between the last breakpoint with ``h >= c`` and the next, where the classification
 is constant; ``tau`` follows from that classification in closed form.
 
+Note [Box threshold with per-entry bounds]
+With bounds ``l_i <= u_i`` per entry, entry ``i`` is at its upper bound for
+``t < a_i = x_i - u_i`` and at its lower bound for ``t >= b_i = x_i - l_i``, so
+``U(t) = {a_i > t}`` and ``L(t) = {b_i <= t}`` are disjoint (``a_i <= b_i``; an entry with
+``l_i = u_i`` is in one of them for every ``t``). Sorting ``a`` (carrying ``u`` and ``x``)
+and ``b`` (carrying ``l`` and ``x``) gives ``|U|``, ``|L|`` and their sums of bounds and
+entries at any ``t`` by binary search and prefix sums, hence
+``h(t) = sum_L l + sum_U u + sum_F x - t |F|``. Bounds enter only through the entries
+at them, so a huge bound (an infinite one replaced by the largest value the set
+allows) never cancels against the rest. The root is then found as with scalar
+bounds: the last breakpoint with ``h >= c``, and ``tau`` in closed form from the
+classification inside the next piece. This search serves every device and size: a
+Newton search for per-entry bounds has not shown the speed that would earn a second path.
+
 Note [Box threshold by Newton's method]
 ``h`` has slope ``-#free(t)``; Newton's step ``t + (h(t) - c) / #free(t)`` lands on the
 root when ``t`` lies on the root's linear piece. The search keeps a bracket
@@ -80,6 +95,7 @@ from sumto._compat import eager, wide_dtype
 __all__: list[str] = []
 
 Search = Literal["sort", "newton"]
+Bound = float | Tensor
 
 # Inputs of at least this many entries take the Newton searches on eager CPU: below
 # it the sort (few operations) is fastest, above it the sort's O(n log n) work is.
@@ -108,16 +124,19 @@ def forced(search: Search | None) -> Iterator[None]:
         _forced = before
 
 
-def threshold(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def threshold(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
     """``tau`` of shape ``(..., 1)`` such that ``clamp(x - tau, lower, upper)`` sums to ``total``.
 
     Dispatches to :func:`one_sided` (``upper = inf``; ``lower = -inf`` by the mirror
-    ``min(x - t, u) = -max(-x + t, -u)``) or :func:`box` (both bounds finite). The
+    ``min(x - t, u) = -max(-x + t, -u)``) or :func:`box` (both bounds finite, floats
+    or per-entry tensors broadcastable to ``x``). The
     sort-based searches return ``tau`` in the wide dtype (float64): rounded to a
     float32 ``x``'s dtype, a ``tau`` on the edge of a flat piece of ``h`` (every entry
     on a bound) could move an entry across its bound; the assembly subtracts it in
     two parts instead (Note [Shift in two parts] of ``sumto._autograd``).
     """
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        return box(x, total, lower, upper)
     if math.isinf(lower):
         return -one_sided(-x, -total, -upper)
     if math.isinf(upper):
@@ -150,14 +169,15 @@ def one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
         return _one_sided_sort(_finite_wide(x), _wide(total, x), lower)
 
 
-def box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def box(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
     """``tau`` of shape ``(..., 1)`` such that ``clamp(x - tau, lower, upper)`` sums to ``total``.
 
     Args:
         x: Rows ``(..., n)``, float32 or float64, without NaN.
-        total: Float or tensor of shape ``(..., 1)``, ``n * lower <= total <= n * upper``.
-        lower: Finite lower bound.
-        upper: Finite upper bound, ``upper > lower``.
+        total: Float or tensor of shape ``(..., 1)``, ``sum(lower) <= total <= sum(upper)``.
+        lower: Finite lower bound: a float, or a tensor of ``x``'s dtype broadcastable
+            to ``x`` (one bound per entry).
+        upper: Finite upper bound, ``upper >= lower``, likewise.
 
     Returns:
         ``tau`` as :func:`threshold` returns it; every entry is classified (at a bound
@@ -165,6 +185,8 @@ def box(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
     """
     with torch.no_grad():
         x = x.detach()
+        if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+            return _box_sort_entries(x, total, lower, upper)
         if _use_newton(x):
             return _box_newton_rows(x, total, lower, upper)
         return _box_sort(x, total, lower, upper)
@@ -252,6 +274,54 @@ def _box_sort(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
     k_lower, k_upper, free_sum = classify(mid)
     count = (n - k_lower - k_upper).to(s.dtype)
     tau = (free_sum - (c - fixed_mass(k_lower, k_upper))) / count.clamp_min(1.0)
+    # no free entry: every shift of the flat piece [left, right] gives the total
+    return torch.where(count > 0, tau, mid)
+
+
+def _box_sort_entries(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
+    """Root of ``sum clamp(x - t, l, u) = c`` per row, per-entry bounds.
+
+    Note [Box threshold with per-entry bounds].
+    """
+    xw = _finite_wide(x)
+    c = _wide(total, x)
+    n = x.shape[-1]
+    low = torch.as_tensor(lower, dtype=xw.dtype, device=xw.device).expand_as(xw)
+    high = torch.as_tensor(upper, dtype=xw.dtype, device=xw.device).expand_as(xw)
+    zero = torch.zeros_like(xw[..., :1])
+
+    def ordered(breaks: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sorted breakpoints and prefix sums (leading 0) of the bound and of ``x`` in their order."""
+        s, order = torch.sort(breaks, dim=-1)
+        bound_sums = torch.cat([zero, bound.gather(-1, order).cumsum(-1)], dim=-1)
+        entry_sums = torch.cat([zero, xw.gather(-1, order).cumsum(-1)], dim=-1)
+        return s.contiguous(), bound_sums, entry_sums
+
+    a, upper_sums, x_by_a = ordered(xw - high, high)
+    b, lower_sums, x_by_b = ordered(xw - low, low)
+    x_sum = x_by_a[..., -1:]
+
+    def h(t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(fixed mass + free sum - t |F|, |F|)`` at the points ``t``."""
+        first_upper = torch.searchsorted(a, t.contiguous(), right=True)  # U = a[first_upper:]
+        k_lower = torch.searchsorted(b, t.contiguous(), right=True)  # L = b[:k_lower]
+        at_upper = upper_sums[..., -1:] - upper_sums.gather(-1, first_upper)
+        at_lower = lower_sums.gather(-1, k_lower)
+        free_sum = x_sum - (x_by_a[..., -1:] - x_by_a.gather(-1, first_upper))
+        free_sum = free_sum - x_by_b.gather(-1, k_lower)
+        count = (first_upper - k_lower).to(xw.dtype)
+        return at_upper + at_lower + free_sum - t * count, count
+
+    breaks, _ = torch.sort(torch.cat([a, b], dim=-1), dim=-1)
+    value, _ = h(breaks)
+    # h is non-increasing along the breaks: the root follows the last break with h >= c
+    j = ((value >= c).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
+    left = breaks.gather(-1, j)
+    right = torch.where(j + 1 < 2 * n, breaks.gather(-1, (j + 1).clamp(max=2 * n - 1)), left + 1.0)
+    mid = 0.5 * left + 0.5 * right
+    value, count = h(mid)
+    # h(mid) = fixed + free_sum - mid |F| and tau solves fixed + free_sum - tau |F| = c
+    tau = mid + (value - c) / count.clamp_min(1.0)
     # no free entry: every shift of the flat piece [left, right] gives the total
     return torch.where(count > 0, tau, mid)
 

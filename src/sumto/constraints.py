@@ -637,44 +637,72 @@ class BoxSum(_TotalMixin):
         \mathcal{C} = \{ w : l \le w_i \le u,\ \textstyle\sum_{i \in \text{dim}} w_i = c \}
 
     ``forward`` is the Euclidean projection :math:`\operatorname{clamp}(x - \tau, l, u)`,
-    so it is the identity on the set; entries on a bound get zero gradient.
-    Batched over the dims not in ``dim``.
+    so it is the identity on the set; entries on a bound get zero gradient. The
+    bounds may be per entry (:math:`l_i \le w_i \le u_i`: a cap per asset, a minimum
+    weight per input), given as tensors broadcastable to the constrained tensor;
+    they are then buffers, saved in the state_dict, and never rounded to a narrower
+    dtype. Batched over the dims not in ``dim``.
 
     Args:
         total: Target sum ``c``: a float or a per-slice tensor.
         dim: Dims of each sum; ``None`` means one sum per output unit.
-        lower: Lower bound ``l`` (may be ``-inf``).
-        upper: Upper bound ``u`` (may be ``inf``).
+        lower: Lower bound ``l`` (may be ``-inf``), or a tensor of per-entry bounds.
+        upper: Upper bound ``u`` (may be ``inf``), or a tensor of per-entry bounds.
+            Tensor bounds may hold infinite entries on one side only.
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If a bound is NaN or ``lower > upper``; at registration, if
-            ``n * lower > total`` or ``n * upper < total``.
+        ValueError: If a bound is NaN, ``lower > upper`` (for some entry), or tensor
+            bounds hold infinities on both sides; at registration, if a bound does not
+            broadcast to the tensor's shape or a slice's set is empty
+            (``sum(lower) > total`` or ``sum(upper) < total``).
 
     Example:
         >>> import torch
         >>> from sumto import BoxSum
         >>> BoxSum(total=1.0, lower=-0.5, upper=0.8)(torch.tensor([3.0, 0.0, 0.0]))
         tensor([0.8000, 0.1000, 0.1000])
+        >>> capped = BoxSum(total=1.0, lower=0.0, upper=torch.tensor([0.5, 0.3, 0.4]))
+        >>> capped(torch.tensor([3.0, 2.0, 0.0]))
+        tensor([0.5000, 0.3000, 0.2000])
     """
+
+    lower: Tensor | float
+    upper: Tensor | float
 
     def __init__(
         self,
         total: Total = 1.0,
         dim: Dim | None = None,
-        lower: float = -math.inf,
-        upper: float = math.inf,
+        lower: float | Tensor = -math.inf,
+        upper: float | Tensor = math.inf,
     ) -> None:
         super().__init__(total, dim)
-        F._check_bounds(lower, upper)
-        self.lower = float(lower)
-        self.upper = float(upper)
+        if not isinstance(lower, Tensor) and not isinstance(upper, Tensor):
+            F._check_bounds(lower, upper)
+            self.lower = float(lower)
+            self.upper = float(upper)
+            return
+        F._check_bound_tensors(lower, upper)
+        for name, bound in (("lower", lower), ("upper", upper)):
+            if isinstance(bound, Tensor):
+                b = bound.detach().clone()
+                if not b.dtype.is_floating_point:
+                    b = b.to(torch.get_default_dtype())
+                self.register_buffer(name, b)
+            else:
+                setattr(self, name, float(bound))
 
     def _bind_shape(self, shape: tuple[int, ...]) -> None:
         super()._bind_shape(shape)
-        n = F._reduced_size(shape, self.dims(len(shape)))
-        if _has_values(self.total):
-            F._check_box(self.total, n, self.lower, self.upper)
+        dims = self.dims(len(shape))
+        if not _has_values(self.total):
+            return
+        if isinstance(self.lower, Tensor) or isinstance(self.upper, Tensor):
+            if _has_values(self.lower) and _has_values(self.upper):
+                F._check_box_entries(self.total, shape, dims, self.lower, self.upper)
+            return
+        F._check_box(self.total, F._reduced_size(shape, dims), self.lower, self.upper)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -685,7 +713,7 @@ class BoxSum(_TotalMixin):
         self._check_input(x, registered_shape=False)
         dims = self.dims(x.ndim)
         total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
-        return F._apply_rows(x, total, dims, F._project_box_rows, self.lower, self.upper)
+        return F._project_box(x, total, dims, self.lower, self.upper)
 
     def violation(self, x: Tensor) -> Tensor:
         """Largest of ``max |sum(x) - total|``, ``max(lower - x)`` and ``max(x - upper)``."""
@@ -699,7 +727,16 @@ class BoxSum(_TotalMixin):
         return value
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "lower": self.lower, "upper": self.upper}
+        # tensor bounds are saved as the buffers "lower"/"upper"; the config records their kind
+        bounds = {
+            name: "tensor" if isinstance(bound, Tensor) else bound
+            for name, bound in (("lower", self.lower), ("upper", self.upper))
+        }
+        return {**super()._config(), **bounds}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lower={self.lower:g}, upper={self.upper:g}"
+        bounds = [
+            f"{name}=Tensor(shape={tuple(b.shape)})" if isinstance(b, Tensor) else f"{name}={b:g}"
+            for name, b in (("lower", self.lower), ("upper", self.upper))
+        ]
+        return f"{super().extra_repr()}, {', '.join(bounds)}"

@@ -58,6 +58,10 @@ _check_total_range = _checks.check_total_range
 _check_positive = _checks.check_positive
 _check_bounds = _checks.check_bounds
 _check_box = _checks.check_box
+_check_box_entries = _checks.check_box_entries
+_check_bound_tensors = _checks.check_bound_tensors
+
+Bound = _checks.Bound
 
 
 def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
@@ -139,6 +143,23 @@ def _apply_rows(
     return _from_rows(out, x.shape, dims).to(x.dtype)
 
 
+def _project_box(
+    x: Tensor, total: Total, dims: tuple[int, ...], lower: Bound, upper: Bound
+) -> Tensor:
+    """:func:`_project_box_rows` over ``dims``, with per-entry (tensor) bounds laid out as rows."""
+    if not isinstance(lower, Tensor) and not isinstance(upper, Tensor):
+        return _apply_rows(x, total, dims, _project_box_rows, float(lower), float(upper))
+    dtype = _compute_dtype(x.dtype)
+
+    def rows_of(bound: Bound) -> Tensor | float:
+        if not isinstance(bound, Tensor):
+            return float(bound)
+        full = bound.detach().to(device=x.device, dtype=dtype).expand(x.shape)
+        return _to_rows(full, dims)
+
+    return _apply_rows(x, total, dims, _project_box_rows, rows_of(lower), rows_of(upper))
+
+
 # ---------------------------------------------------------------------------
 # the maps (no validation, no host synchronisation)
 # ---------------------------------------------------------------------------
@@ -160,19 +181,50 @@ def _project_simplex_rows(rows: Tensor, total: Tensor | float) -> Tensor:
     return _project_box_rows(rows, total, 0.0, math.inf)
 
 
-def _project_box_rows(rows: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+def _project_box_rows(
+    rows: Tensor, total: Tensor | float, lower: float | Tensor, upper: float | Tensor
+) -> Tensor:
     """Euclidean projection of each row onto ``{sum = total, lower <= y <= upper}``.
 
     Both bounds infinite is the affine projection, which the same node computes.
+    Tensor bounds are per entry, laid out like ``rows`` (or broadcastable to them).
     """
     if rows.shape[-1] == 1:
         # A single entry is the total, exactly (x - (x - total) rounds).
         return torch.zeros_like(rows) + total
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        low, high = _finite_bounds(rows, total, lower, upper)
+        return clamp_shift(rows, total, low, high)
     # A bound beyond the dtype's range bounds no value of it: it is an infinite one.
     big = torch.finfo(rows.dtype).max
     lower = -math.inf if lower < -big else lower
     upper = math.inf if upper > big else upper
     return clamp_shift(rows, total, lower, upper)
+
+
+def _finite_bounds(
+    rows: Tensor, total: Tensor | float, lower: float | Tensor, upper: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-entry bounds as finite tensors of ``rows``' dtype that define the same set.
+
+    With every lower bound finite, no entry of the set exceeds ``total - sum(lower) +
+    lower_i`` (the rest at their lower bounds): that value replaces an infinite upper
+    bound, and symmetrically for an infinite lower bound. The validated entry points
+    allow infinite entries on one side only; values beyond the dtype's range count as
+    infinite, as for float bounds.
+    """
+    # (the conversion to rows' dtype turns values beyond its range into infinities)
+    low, high = (
+        torch.as_tensor(b, dtype=rows.dtype, device=rows.device).expand_as(rows)
+        for b in (lower, upper)
+    )
+    # the given bounds stay as they are; a derived one never crosses the other bound
+    # (rounding, or an infeasible unvalidated input)
+    derived = torch.maximum(total - (low.sum(-1, keepdim=True) - low), low)
+    high = torch.where(high.isinf(), derived, high)
+    derived = torch.minimum(total - (high.sum(-1, keepdim=True) - high), high)
+    low = torch.where(low.isinf(), derived, low)
+    return low, high
 
 
 def _scaled_rows(rows: Tensor, temperature: float) -> Tensor:
@@ -318,8 +370,8 @@ def project_box_sum(
     x: Tensor,
     total: Total = 1.0,
     dim: Dim = -1,
-    lower: float = -math.inf,
-    upper: float = math.inf,
+    lower: Bound = -math.inf,
+    upper: Bound = math.inf,
 ) -> Tensor:
     r"""Euclidean projection onto a box intersected with a fixed-sum hyperplane.
 
@@ -329,36 +381,48 @@ def project_box_sum(
 
     with :math:`\tau` chosen so that the sum over ``dim`` is ``c``. With both
     bounds infinite this is :func:`project_sum`; with ``lower=0`` and no upper
-    bound it is :func:`project_simplex`. Batched over the dims not in ``dim``.
+    bound it is :func:`project_simplex`. The bounds may be given per entry
+    (:math:`l_i \le y_i \le u_i`, e.g. a cap per asset), as tensors broadcastable to
+    ``x``; they are constants, not differentiated. Batched over the dims not in ``dim``.
 
     Args:
         x: Floating point tensor.
         total: Target sum ``c``: a float, or a tensor broadcastable to
             ``x.sum(dim, keepdim=True).shape``.
         dim: Dim or tuple of dims summed over.
-        lower: Lower bound ``l`` of every entry (may be ``-inf``).
-        upper: Upper bound ``u`` of every entry (may be ``inf``).
+        lower: Lower bound ``l`` of every entry (may be ``-inf``), or a tensor of
+            per-entry lower bounds broadcastable to ``x``.
+        upper: Upper bound ``u`` of every entry (may be ``inf``), or per-entry
+            upper bounds likewise. Tensor bounds may hold infinite entries on one
+            side only (all lower bounds finite, or all upper bounds finite).
 
     Returns:
         Tensor of ``x``'s shape and dtype within the bounds, summing to ``total``.
 
     Raises:
-        TypeError: If ``x`` is not a floating point tensor.
+        TypeError: If ``x`` is not a floating point tensor, or a bound is neither a
+            number nor a real tensor.
         IndexError: If a dim is out of range.
-        ValueError: If dims repeat, ``total`` is not finite, a bound is NaN,
-            ``lower > upper``, or the set is empty (``n * lower > total`` or
-            ``n * upper < total``).
+        ValueError: If dims repeat, ``total`` is not finite, a bound is NaN or does
+            not broadcast to ``x``, some ``lower > upper``, infinite bounds appear on
+            both sides of tensor bounds, or a slice's set is empty
+            (``sum(lower) > total`` or ``sum(upper) < total``; the message names the slice).
 
     Example:
         >>> import torch
         >>> from sumto.functional import project_box_sum
         >>> project_box_sum(torch.tensor([3.0, 0.0, 0.0]), total=1.0, lower=-0.5, upper=0.8)
         tensor([0.8000, 0.1000, 0.1000])
+        >>> caps = torch.tensor([0.5, 0.3, 0.4])  # a capped simplex, one cap per entry
+        >>> project_box_sum(torch.tensor([3.0, 2.0, 0.0]), total=1.0, lower=0.0, upper=caps)
+        tensor([0.5000, 0.3000, 0.2000])
     """
     dims = _validate(x, total, dim)
-    n = _reduced_size(x.shape, dims)
-    _check_box(total, n, lower, upper)
-    return _apply_rows(x, total, dims, _project_box_rows, float(lower), float(upper))
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        _check_box_entries(total, x.shape, dims, lower, upper)
+    else:
+        _check_box(total, _reduced_size(x.shape, dims), lower, upper)
+    return _project_box(x, total, dims, lower, upper)
 
 
 def sum_violation(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:

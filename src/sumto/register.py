@@ -337,8 +337,8 @@ def box_sum(
     name: str = "weight",
     total: Total = 1.0,
     dim: Dim | None = None,
-    lower: float = -math.inf,
-    upper: float = math.inf,
+    lower: float | Tensor = -math.inf,
+    upper: float | Tensor = math.inf,
     init: Init = "project",
 ) -> nn.Module:
     r"""Constrain ``module.<name>`` to entries in ``[lower, upper]`` summing to ``total``.
@@ -353,8 +353,9 @@ def box_sum(
         name: Parameter or buffer name.
         total: Target sum.
         dim: Dims of each sum; ``None`` means one sum per output unit.
-        lower: Lower bound of every entry.
-        upper: Upper bound of every entry.
+        lower: Lower bound of every entry, or a tensor of per-entry lower bounds
+            broadcastable to the tensor's shape.
+        upper: Upper bound of every entry, or per-entry upper bounds likewise.
         init: ``"project"`` or an exact constrained value (see :func:`constrain`).
 
     Returns:
