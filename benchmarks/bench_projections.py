@@ -24,7 +24,11 @@ Every variant of a case runs side by side in one process on the same CPU tensor
    formula ``x + (1 - x.sum(-1, keepdim=True)) / n``), each with its largest absolute
    difference from a float64 reference: the sort formula for the simplex, 100 steps
    of bisection for the box, the formula for the sum.
-5. **Scaling**: the number of entries fixed (``--scaling-entries``), the row length n
+5. **Long rows against Condat's serial C** (``condat.c``, an O(n)-expected algorithm
+   compiled at run time with the system's C compiler; skipped with the reason when
+   none is present), float32 and float64, with each one's largest absolute
+   difference from the float64 sort formula.
+6. **Scaling**: the number of entries fixed (``--scaling-entries``), the row length n
    from 16 to 2**20 (plot ``scaling.png``).
 
 Timing: each variant is timed in ``--rounds`` interleaved rounds of
@@ -58,6 +62,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from sumto import _search
 from sumto import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import condat  # the C anchor beside this file
 
 Step = Callable[[], object]
 Setting = Callable[[], AbstractContextManager[object]]
@@ -407,6 +414,39 @@ def run_simplex(
     return markdown_table(header, rows), results
 
 
+def run_condat(
+    cases: Sequence[tuple[tuple[int, ...], torch.dtype]], rounds: int, min_run_time: float
+) -> tuple[str, list[dict[str, object]]]:
+    """``project_simplex`` against Condat's serial C (``condat.c``, compiled now)."""
+    project_c, description = condat.load()
+    if project_c is None:
+        return f"Skipped: {description}.", []
+    rows, results = [], []
+    for shape, dtype in cases:
+        x = randn(shape, 0, dtype)
+        fn = projection("simplex", x)
+        times = time_interleaved(
+            {"sumto": fn, "condat": lambda x=x: project_c(x, 1.0)}, rounds, min_run_time
+        )
+        exact = reference("simplex", x)
+        errors = (max_error(fn(), exact), max_error(project_c(x, 1.0), exact))
+        ratio = times["sumto"] / times["condat"]
+        rows.append(
+            [
+                str(shape),
+                str(dtype).removeprefix("torch."),
+                format_time(times["sumto"]),
+                format_time(times["condat"]),
+                f"**{ratio:.2f}x**",
+                f"{errors[0]:.1e} / {errors[1]:.1e}",
+            ]
+        )
+        results.append({"shape": shape, "dtype": str(dtype), **times, "ratio": ratio})
+    header = ["shape", "dtype", "project_simplex", "Condat (C)", "time / Condat"]
+    header.append("max abs diff vs f64: sumto / Condat")
+    return f"Compiler: {description}.\n\n" + markdown_table(header, rows), results
+
+
 def run_box(
     shape: tuple[int, int], boxes: Sequence[str], rounds: int, min_run_time: float
 ) -> tuple[str, list[dict[str, object]]]:
@@ -632,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         [(64, 1024), (4096, 1024)],
     )
     simplex_shapes = [(4096, 1024), (64, 100_000), (4096, 16)]
+    f32, f64 = torch.float32, torch.float64
+    condat_cases = [((4096, 1024), f32), ((64, 100_000), f32), ((1, 1_000_000), f32)]
+    condat_cases += [((16384, 256), f32), ((4096, 1024), f64)]
     box_shape = (4096, 1024)
     sum_shape = (4096, 1024)
     lengths = [2**k for k in range(4, 21, 2)]
@@ -639,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         paths = path_cases([(13,), (64, 27), (8, 576), (256, 64), (64, 1024), (4, 20_000)], [])
         paths += [("simplex", (64, 1024), torch.float64)]
         simplex_shapes = [(64, 1024), (4, 20_000), (256, 16)]
+        condat_cases = [((64, 1024), f32), ((4, 20_000), f64)]
         box_shape = sum_shape = (64, 1024)
         lengths = [16, 256, 4096, 65_536]
         args.rounds, args.min_run_time, args.scaling_entries = 1, 0.02, 2**16
@@ -666,6 +710,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                 "simplex",
                 "Simplex projection (float32)",
                 lambda: run_simplex(simplex_shapes, args.rounds, args.min_run_time),
+            ),
+            (
+                "condat",
+                "Long rows: project_simplex against Condat's serial C",
+                lambda: run_condat(condat_cases, args.rounds, args.min_run_time),
             ),
             (
                 "box",
