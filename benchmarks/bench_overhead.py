@@ -23,6 +23,10 @@ read computes the weight and later reads reuse it, so autograd also sums their
 gradients before one backward through the constraint. A cache must not outlive the
 step: after ``optimizer.step()`` it would hand out the old weight.
 
+Compiled against eager: the same ``Linear`` training step under ``torch.compile``
+(inductor; the step function compiled, the module and its parametrization inside),
+for each constrained weight, against the eager step, side by side.
+
 Timing as in ``bench_projections.py``: interleaved rounds of
 ``torch.utils.benchmark.Timer.blocked_autorange``, fastest round's median per variant,
 one intra-op thread and its CPU time by default (``--threads N --clock wall`` for
@@ -101,6 +105,39 @@ def run_layer(
         for name, t in times.items()
     ]
     return rows, times
+
+
+COMPILED = ["sum_to", "simplex (softmax)", "simplex (sparsemax)", "box_sum [-0.5, 1]"]
+
+
+def run_compiled(
+    features: int, batch: int, rounds: int, min_run_time: float, backend: str
+) -> tuple[list[list[str]], dict[str, float]]:
+    """Training steps of a constrained ``Linear``, compiled and eager, side by side."""
+    x = torch.randn(batch, features)
+    grad = torch.randn(batch, features)
+    rows, results = [], {}
+    for name in COMPILED:
+        torch.manual_seed(0)
+        eager = layer_step(CONSTRAINTS[name](nn.Linear(features, features), "weight"), x, grad)
+        torch.manual_seed(0)
+        layer = CONSTRAINTS[name](nn.Linear(features, features), "weight")
+        compiled = torch.compile(layer_step(layer, x, grad), backend=backend)
+        compiled()  # compile outside the timer
+        times = time_interleaved({"eager": eager, "compiled": compiled}, rounds, min_run_time)
+        ratio = times["compiled"] / times["eager"]
+        rows.append(
+            [
+                f"Linear({features}, {features}) on ({batch}, {features})",
+                name,
+                format_time(times["eager"]),
+                format_time(times["compiled"]),
+                f"**{ratio:.2f}x**",
+            ]
+        )
+        results[name] = ratio
+    torch._dynamo.reset()
+    return rows, results
 
 
 def rnn_steps(
@@ -211,10 +248,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     header = ["layer", "weight", "train step", "ratio", "overhead"]
     table = markdown_table(header, conv_rows + lin_rows + rnn_rows)
     print(table)
+    backend = "aot_eager" if args.quick else "inductor"
+    compiled_rows, compiled_ratios = run_compiled(
+        lin_in, lin_batch, args.rounds, args.min_run_time, backend
+    )
+    compiled_header = ["layer", "weight", "eager step", f"compiled ({backend})", "compiled / eager"]
+    compiled_table = markdown_table(compiled_header, compiled_rows)
+    print(f"\nCompiled against eager training steps\n{compiled_table}")
+    table += "\n\nCompiled against eager training steps\n\n" + compiled_table
     for result in rnn_results:
         print(f"max |grad(no cache) - grad(cached)| = {result['max_grad_diff_cached_vs_not']:.1e}")
     write(args.out, "overhead.md", table)
-    return {"conv": conv_times, "linear": lin_times, "rnn": rnn_results}
+    return {
+        "conv": conv_times,
+        "linear": lin_times,
+        "rnn": rnn_results,
+        "compiled_over_eager": compiled_ratios,
+    }
 
 
 if __name__ == "__main__":

@@ -109,6 +109,28 @@ def test_forward_ad_active_inside_a_dual_level_only() -> None:
     assert not _compat.forward_ad_active()
 
 
+def test_compiling_opaque_under_compile_only() -> None:
+    assert _in_compile(_compat.compiling_opaque)
+    for inside in (_in_vmap, _in_grad, _in_trace):
+        assert not inside(_compat.compiling_opaque)
+    assert not _compat.compiling_opaque(torch.zeros(2)) and not _compat.is_exporting()
+
+    def vmapped_in_compile(x: Tensor) -> Tensor:
+        return torch.func.vmap(_as_tensor(_compat.compiling_opaque))(x)
+
+    compiled = torch.compile(vmapped_in_compile, backend="eager", fullgraph=True)
+    assert bool(compiled(torch.zeros(2, 3)).eq(0).all())
+
+
+def test_without_the_probes_compiled_code_is_traced_not_opaque(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(torch._C, "_are_functorch_transforms_active", raising=False)
+    assert not _in_compile(_compat.compiling_opaque)
+    monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
+    assert not _compat.is_exporting()
+
+
 def test_eager_only_on_cpu() -> None:
     assert not _compat.eager(torch.zeros(2, device="meta"))
 

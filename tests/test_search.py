@@ -16,6 +16,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
+from unittest import mock as unittest_mock
 
 import pytest
 import torch
@@ -572,3 +573,85 @@ def test_per_entry_search_on_varied_bounds_matches_the_reference(
     assert_projection_close(y, expected, scale, what=name)
     assert bool((y >= lower.to(dtype)).all() and (y <= upper.to(dtype)).all())
     assert_sums(y, total, (-1,))
+
+
+# ---------------------------------------------------------------------------
+# the search as an opaque operator under torch.compile
+# ---------------------------------------------------------------------------
+
+
+def ops_in_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, list[str]]:
+    """``torch.compile(fn, fullgraph=True)(x)`` and the targets of the ATen graph it ran."""
+    targets: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> object:
+        def record(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> object:
+            targets.extend(str(node.target) for node in graph.graph.nodes)
+            return graph.forward
+
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=record)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        return torch.compile(fn, fullgraph=True, backend=backend)(x), targets
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("lower", "upper"), [(0.0, math.inf), (-0.5, 1.0), (0.0, 10.0 / 1024), (-math.inf, 0.01)]
+)
+def test_compiled_maps_call_the_search_operator_and_pick_newton_at_run_time(
+    lower: float, upper: float
+) -> None:
+    x = randn(80, 64, 1024, dtype=torch.float32)  # 2**16 entries: Newton's size in eager mode
+    calls: list[str] = []
+    newton = (_search._simplex_newton_rows, _search._box_newton_rows)
+
+    def spy(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def wrapped(*args: object) -> Tensor:
+            calls.append(fn.__name__)
+            return fn(*args)
+
+        return wrapped
+
+    def project(v: Tensor) -> Tensor:
+        return project_box_sum(v, 1.0, lower=lower, upper=upper)
+
+    with (
+        unittest_mock.patch.object(_search, "_simplex_newton_rows", spy(newton[0])),
+        unittest_mock.patch.object(_search, "_box_newton_rows", spy(newton[1])),
+    ):
+        compiled, targets = ops_in_graph(project, x)
+    assert "sumto.threshold.default" in targets
+    assert calls, "the operator did not run a Newton search on a large eager CPU input"
+    expected = project(x)
+    assert_projection_close(compiled, expected, scale_of(x, 1.0, lower, upper), what="compiled")
+    assert_sums(compiled, 1.0, (-1,))
+
+
+def test_export_and_vmap_under_compile_trace_the_sort_search() -> None:
+    x = randn(81, 4, 9, dtype=torch.float64)
+    program = torch.export.export(_ProjectSimplex(), (x,))
+    targets = [  # the no-grad search sits in a submodule of the exported graph
+        str(node.target)
+        for module in program.graph_module.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+    ]
+    assert not any("sumto" in t for t in targets) and "aten.sort.default" in targets
+    torch.testing.assert_close(program.module()(x), project_simplex(x))
+    vmapped = torch.func.vmap(project_simplex)
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(vmapped, fullgraph=True, backend="aot_eager")(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, project_simplex(x))
+
+
+class _ProjectSimplex(torch.nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return project_simplex(x)

@@ -16,6 +16,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "compiling_opaque",
     "eager",
     "forward_ad_active",
     "functorch_active",
@@ -85,6 +86,24 @@ def eager(x: Tensor) -> bool:
     the device).
     """
     return x.device.type == "cpu" and not transforming(x)
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` records (``False`` when torch cannot say)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(exporting()) if exporting is not None else False
+
+
+def compiling_opaque(x: Tensor) -> bool:
+    """Whether ``torch.compile`` records ``x`` outside export and ``torch.func``.
+
+    There an opaque operator can stand for eager code. Without the private probes,
+    answer ``False``: the caller then traces the code itself, valid everywhere.
+    """
+    if not is_compiling() or is_exporting():
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and not bool(active())
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:

@@ -21,8 +21,11 @@ per-entry box   sorted breakpoints, :func:`_box_sort_entries`  none
 ==============  ========================================  ================================
 
 The sort-based searches run wherever data-dependent control flow is not free: on
-other devices, while ``torch.compile``/``torch.export``/``torch.jit.trace`` record,
-under ``torch.func`` transforms, and on small inputs, where they are fastest. They run
+other devices, while ``torch.export``/``torch.jit.trace`` record, under ``torch.func``
+transforms, and on small inputs, where they are fastest. Under ``torch.compile`` the
+search with float bounds is one opaque operator, ``sumto::threshold`` (Note [The
+search as an opaque operator under compile]), so compiled programs choose between
+the searches at run time as eager code does. They run
 in float64 (float32 on MPS): their prefix sums of long float32 rows would lose the
 classification in narrow boxes. The Newton searches run on CPU in plain eager mode
 on inputs of at least ``_LARGE`` entries, where sorting costs many times more
@@ -53,6 +56,18 @@ smallest), ``h(t) = l K_l + u K_u + (P_{n - K_u} - P_{K_l}) - t (n - K_l - K_u)`
 ``h`` is evaluated at all ``2n`` breakpoints ``x_i - u`` and ``x_i - l``; the root lies
 between the last breakpoint with ``h >= c`` and the next, where the classification
 is constant; ``tau`` follows from that classification in closed form.
+
+Note [The search as an opaque operator under compile]
+Traced by dynamo, a search can only be the sort (loop counts would be baked into
+the graph), which costs many times Newton's method on long rows: a sparsemax
+``Linear(1024, 1024)`` trained compiled was slower than eager. Registered with
+``torch.library.custom_op`` and a fake kernel (a float64 ``tau`` of shape
+``(..., 1)``), the search is opaque to compile: the graph calls it, and at run time
+it is plain eager code that picks its search by device and size. ``tau`` needs no
+derivative (the autograd node differentiates through the free set), so the operator
+registers no autograd rule. It is not used under ``torch.export`` (an exported
+program would then need sumto to load) or ``torch.func`` transforms (it has no
+batching rule), nor with per-entry bounds (which have a single search).
 
 Note [Box threshold with per-entry bounds]
 With bounds ``l_i <= u_i`` per entry, entry ``i`` is at its upper bound for
@@ -90,7 +105,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sumto._compat import eager, wide_dtype
+from sumto._compat import compiling_opaque, eager, wide_dtype
 
 __all__: list[str] = []
 
@@ -137,11 +152,35 @@ def threshold(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> T
     """
     if isinstance(lower, Tensor) or isinstance(upper, Tensor):
         return box(x, total, lower, upper)
+    if compiling_opaque(x):  # Note [The search as an opaque operator under compile]
+        column = total if isinstance(total, Tensor) else None
+        scalar = 0.0 if isinstance(total, Tensor) else float(total)
+        tau: Tensor = _threshold_op(x.detach(), column, scalar, lower, upper)
+        return tau
+    return _threshold(x, total, lower, upper)
+
+
+def _threshold(x: Tensor, total: Tensor | float, lower: float, upper: float) -> Tensor:
+    """:func:`threshold` with float bounds, in eager code."""
     if math.isinf(lower):
         return -one_sided(-x, -total, -upper)
     if math.isinf(upper):
         return one_sided(x, total, lower)
     return box(x, total, lower, upper)
+
+
+@torch.library.custom_op("sumto::threshold", mutates_args=())
+def _threshold_op(
+    x: Tensor, total: Tensor | None, total_value: float, lower: float, upper: float
+) -> Tensor:
+    """:func:`threshold` as an operator: ``tau`` in the wide dtype (``total`` or ``total_value``)."""
+    tau = _threshold(x, total if total is not None else total_value, lower, upper)
+    return tau.to(wide_dtype(x.device))
+
+
+@_threshold_op.register_fake
+def _(x: Tensor, total: Tensor | None, total_value: float, lower: float, upper: float) -> Tensor:
+    return x.new_empty((*x.shape[:-1], 1), dtype=wide_dtype(x.device))
 
 
 def one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
