@@ -156,7 +156,9 @@ def _assemble(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> T
         return _refine(x + (total / x.shape[-1] - slice_mean(x, (-1,))), total, lower, upper)
     top = x.amax(-1, keepdim=True)
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
-    shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
+    shifted = torch.sub(x, torch.where(dead, 0.0, top))
+    if not eager(x) or bool(dead.any()):  # a full pass, for rows that rarely occur
+        shifted.masked_fill_(dead, 0.0)
     tau = _search.threshold(shifted, total, lower, upper)
     head = tau.to(x.dtype)
     y = shifted.sub_(head)
