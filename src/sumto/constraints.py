@@ -106,6 +106,8 @@ class Constraint(nn.Module):
     map on the set (``right_inverse``), projects onto the set (``project``) and
     measures how far a tensor is from it (``violation``). Subclasses implement
     ``forward``, ``project``, ``violation``, ``_inverse`` and ``_bind_shape``.
+    ``sample`` draws random points of the set (a subclass may override ``_sample``,
+    whose default projects a Gaussian) and ``contains`` tests membership.
 
     Args:
         dim: Dim or tuple of dims each constraint slice spans; ``None`` means one
@@ -445,13 +447,17 @@ class Constraint(nn.Module):
         * :class:`Simplex` (every ``method``): uniform on the simplex, i.e.
           :math:`c\,\mathrm{Dirichlet}(1, \dots, 1)`, drawn as normalised exponentials
           :math:`c\,E_i / \sum_j E_j`, :math:`E_i = -\log U_i`. The draw has exact zeros
-          with probability ~0 only (a rounding underflow), so its softmax pre-weights
-          are finite; a point with exact zeros is accepted too.
+          with probability ~0 only (an underflow when rounding to ``dtype``), so softmax,
+          which never reaches 0, maps its pre-weights back to it within rounding; a
+          point with exact zeros is accepted too (its zeros come back eps-sized).
         * :class:`AffineSum` and :class:`sumto.LinearEquality`: standard Gaussian
           entries mapped onto the set by :meth:`project` (a Gaussian on the affine set,
           centred at its point nearest the origin).
-        * :class:`BoxSum`: each entry drawn in its box, then the slice mapped onto the
-          set by :meth:`project` (see :meth:`BoxSum._sample`); not uniform on the set.
+        * :class:`BoxSum`: each entry drawn in its interval (uniform between two finite
+          bounds, ``lower + E`` or ``upper - E`` with ``E`` ~ Exp(1) for one finite
+          bound, standard Gaussian for none), then the slice mapped onto the sum by
+          :meth:`project`. On the set, but *not* uniform on it: the projection puts
+          positive mass on the faces where entries sit on a bound.
 
         The draw is computed in float64 (float32 on MPS) and rounded to ``dtype``,
         then, for the projected draws, projected in ``dtype`` as :meth:`forward` does:
@@ -538,7 +544,7 @@ class Constraint(nn.Module):
     def _sample_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         if dtype is None:
             return self._dtype if self._dtype is not None else torch.get_default_dtype()
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"expected dtype to be a floating point torch.dtype, got {dtype!r}")
         return dtype
 
