@@ -661,6 +661,7 @@ def test_init_sample_on_the_meta_device_sets_nothing() -> None:
         lin = sumto.simplex(nn.Linear(4, 3), init="sample")
     assert lin.weight.is_meta
     lin.to_empty(device="cpu")
+    assert lin.parametrizations.weight[0].sample().device.type == "cpu"  # follows the weight
     plain = {"weight": torch.full((3, 4), 0.25), "bias": torch.zeros(3)}
     lin.load_state_dict(plain)
     assert_constraints_hold(lin)
