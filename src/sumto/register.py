@@ -338,6 +338,10 @@ def simplex(
         >>> lin.weight
         tensor([[0.2500, 0.2500, 0.2500, 0.2500],
                 [0.2500, 0.2500, 0.2500, 0.2500]], grad_fn=<...>)
+        >>> _ = torch.manual_seed(0)
+        >>> mix = sumto.simplex(nn.Linear(4, 2), init="sample")  # uniform on the simplex
+        >>> bool((mix.weight > 0).all()), torch.allclose(mix.weight.sum(1), torch.ones(2))
+        (True, True)
     """
     constraint = Simplex(total=total, dim=dim, method=method, temperature=temperature)
     return constrain(module, name, constraint, init)
