@@ -593,3 +593,29 @@ def ref_project_box_entries(
     )
     y = torch.where(free & (nfree > 0), rows - exact_tau, y)
     return from_rows(y, shape, dims)
+
+
+# distribution tests
+# ---------------------------------------------------------------------------
+
+
+def ks_statistic(samples: Tensor, cdf: Callable[[Tensor], Tensor]) -> float:
+    """One-sample Kolmogorov-Smirnov statistic ``sup |F_n(x) - F(x)|`` of 1-D ``samples``.
+
+    The supremum is reached at a sample: the larger of ``i / n - F(x_(i))`` and
+    ``F(x_(i)) - (i - 1) / n`` over the sorted samples, in float64.
+    """
+    x = samples.detach().double().reshape(-1).sort().values
+    n = x.numel()
+    f = cdf(x)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - f, f - (i - 1) / n).max())
+
+
+def ks_critical(n: int, alpha: float) -> float:
+    """Asymptotic critical value of the KS statistic: ``sqrt(-log(alpha / 2) / (2 n))``.
+
+    The two-sided test at level ``alpha`` rejects when the statistic exceeds it
+    (Kolmogorov's limit, accurate to a few percent for ``n`` in the thousands).
+    """
+    return math.sqrt(-math.log(alpha / 2) / (2 * n))

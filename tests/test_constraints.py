@@ -24,6 +24,8 @@ from reference import (
     as_rows,
     assert_matches_reference,
     assert_sums,
+    ks_critical,
+    ks_statistic,
     ref_project_box_sum,
     ref_project_simplex,
     ref_project_sum,
@@ -491,3 +493,347 @@ def test_per_entry_bounds_project_other_shapes_and_bake() -> None:
     assert bool((y <= CAPS).all() and (y >= 0).all())
     sumto.bake(lin)
     assert isinstance(lin.weight, nn.Parameter) and bool((lin.weight <= CAPS).all())
+
+
+# sample: random points of the set
+# ---------------------------------------------------------------------------
+
+SAMPLE_TOTALS = [0.0, 1e-3, 1.0, 10.0]
+SAMPLE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (shape, dim spec, normalised dims)
+SAMPLE_LAYOUTS = [
+    ((7,), None, (0,)),
+    ((3, 4), None, (1,)),
+    ((2, 3, 4), (0, 2), (0, 2)),
+    ((4, 2, 3), -1, (2,)),
+    ((5, 1), 0, (0,)),
+    ((), None, (0,)),
+]
+
+
+def _sample_constraints(total: float | Tensor, dim: object, n: int) -> list[Constraint]:
+    """Every constraint class: each simplex method, boxes with two, one and no finite bounds."""
+    t = total if isinstance(total, Tensor) else torch.tensor(total)
+    low, high = float(t.min()) / n, float(t.max()) / n
+    out: list[Constraint] = [
+        AffineSum(total, dim),  # type: ignore[arg-type]
+        BoxSum(total, dim, lower=low - 0.5, upper=high + 0.25),  # type: ignore[arg-type]
+        BoxSum(total, dim, lower=low - 1.0),  # type: ignore[arg-type]
+        BoxSum(total, dim, upper=high + 1.0),  # type: ignore[arg-type]
+        BoxSum(total, dim),  # type: ignore[arg-type]
+    ]
+    if float(t.min()) > 0:
+        out += [Simplex(total, dim, method=m) for m in METHODS]  # type: ignore[arg-type]
+    return out
+
+
+def _assert_sample_on_set(
+    c: Constraint, w: Tensor, shape: tuple[int, ...], dtype: torch.dtype, total: float | Tensor
+) -> None:
+    """``w`` is a finite point of ``c``'s set, checked against the definition in float64."""
+    assert w.shape == shape and w.dtype == dtype and w.device.type == "cpu"
+    assert not w.requires_grad
+    assert bool(torch.isfinite(w).all())
+    assert c.contains(w), f"{c}: violation {float(c.violation(w)):.3g}"
+    dims = c.dims(len(shape))
+    if len(shape) > 0:
+        assert_sums(w, total, dims)
+    else:
+        assert abs(float(w) - float(total)) <= torch.finfo(dtype).eps * abs(float(total))
+    wd = w.double()
+    # The bounds rounded to dtype, as the projection writes them.
+    eps = torch.finfo(dtype).eps
+    if isinstance(c, Simplex):
+        assert float(wd.min()) >= 0.0
+    if isinstance(c, BoxSum) and w.numel() > 0:
+        assert float(wd.min()) >= c.lower - eps * abs(c.lower)
+        assert float(wd.max()) <= c.upper + eps * abs(c.upper)
+
+
+@pytest.mark.parametrize("dtype", SAMPLE_DTYPES)
+@pytest.mark.parametrize("layout", SAMPLE_LAYOUTS, ids=lambda layout: str(layout[0]))
+@pytest.mark.parametrize("total", SAMPLE_TOTALS)
+def test_sample_lands_on_the_set(
+    total: float, layout: tuple[tuple[int, ...], object, tuple[int, ...]], dtype: torch.dtype
+) -> None:
+    shape, dim, dims = layout
+    n = math.prod(shape[d] for d in dims) if shape else 1
+    generator = torch.Generator().manual_seed(0)
+    for c in _sample_constraints(total, dim, n):
+        w = c.sample(shape, generator=generator, dtype=dtype)
+        _assert_sample_on_set(c, w, shape, dtype, total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sample_honours_tensor_totals(dtype: torch.dtype) -> None:
+    shape = (3, 2, 4)
+    keep = torch.tensor([0.5, 2.0, 10.0]).view(3, 1, 1)  # keepdim shape
+    reduced = torch.tensor([0.0, -1.0, 3.0])  # the reduced shape
+    generator = torch.Generator().manual_seed(1)
+    for total in (keep, reduced, keep.double()):
+        for c in _sample_constraints(total, None, 8):
+            w = c.sample(shape, generator=generator, dtype=dtype)
+            _assert_sample_on_set(c, w, shape, dtype, total)
+
+
+def test_sample_is_reproducible_with_a_generator_and_the_global_seed() -> None:
+    for c in _sample_constraints(1.0, None, 5):
+        first = c.sample((4, 5), generator=torch.Generator().manual_seed(3))
+        again = c.sample((4, 5), generator=torch.Generator().manual_seed(3))
+        other = c.sample((4, 5), generator=torch.Generator().manual_seed(4))
+        assert torch.equal(first, again) and not torch.equal(first, other)
+        torch.manual_seed(5)
+        first = c.sample((4, 5))
+        torch.manual_seed(5)
+        assert torch.equal(first, c.sample((4, 5)))
+    # The simplex point depends on the seed only, not on the method (one distribution).
+    points = [
+        Simplex(2.0, method=m).sample((3, 4), generator=torch.Generator().manual_seed(0))
+        for m in METHODS
+    ]
+    assert all(torch.equal(points[0], p) for p in points[1:])
+
+
+def test_sample_follows_the_documented_draws() -> None:
+    """Each draw rebuilt from its docstring in float64, with the same generator state."""
+    shape, dims = (6, 5), (1,)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(11)
+
+    f64 = torch.float64
+    # Simplex: normalised exponentials -log(U), U uniform on (0, 1].
+    u = torch.rand(shape, generator=seeded(), dtype=f64)
+    e = -torch.log(1.0 - u)
+    expected = 2.0 * e / e.sum(1, keepdim=True)
+    for method in METHODS:
+        got = Simplex(2.0, method=method).sample(shape, generator=seeded(), dtype=f64)
+        assert_matches_reference(got, expected, expected, 2.0, dims)
+    # AffineSum: standard Gaussian entries, projected.
+    z = torch.randn(shape, generator=seeded(), dtype=f64)
+    got = AffineSum(1.5).sample(shape, generator=seeded(), dtype=f64)
+    assert_matches_reference(got, ref_project_sum(z, 1.5, dims), z, 1.5, dims)
+    # BoxSum: a Gaussian, then a uniform draw; each entry in its interval, projected.
+    g = seeded()
+    z = torch.randn(shape, generator=g, dtype=f64)
+    u = torch.rand(shape, generator=g, dtype=f64)
+    e = -torch.log(1.0 - u)
+    inf = math.inf
+    for lower, upper, x in [
+        (-0.5, 1.0, -0.5 + 1.5 * u),
+        (0.0, inf, e),
+        (-inf, 1.0, 1.0 - e),
+        (-inf, inf, z),
+    ]:
+        got = BoxSum(1.0, lower=lower, upper=upper).sample(shape, generator=seeded(), dtype=f64)
+        want = ref_project_box_sum(x, 1.0, dims, lower, upper)
+        assert_matches_reference(got, want, x, 1.0, dims, extra_scale=float(x.abs().max()))
+    # Without bounds the box draw is the affine one.
+    free = BoxSum(1.5).sample(shape, generator=seeded(), dtype=f64)
+    assert torch.equal(free, AffineSum(1.5).sample(shape, generator=seeded(), dtype=f64))
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("total", [1.0, 10.0])
+def test_simplex_sample_is_uniform_on_a_small_simplex(k: int, total: float) -> None:
+    """Kolmogorov-Smirnov tests at the 1e-3 level, with a fixed seed.
+
+    Uniform on the simplex, each coordinate / total is Beta(1, k - 1), of CDF
+    1 - (1 - x)^(k-1), and the smallest coordinate / total has CDF 1 - (1 - k x)^(k-1)
+    on [0, 1 / k] (a check of the joint law, not only of the marginals).
+    """
+    draws = 4000
+    c = Simplex(total, method="sparsemax", dim=(0, 2))
+    w = c.sample((1, draws, k), generator=torch.Generator().manual_seed(2024), dtype=torch.float64)
+    p = w[0] / total
+    critical = ks_critical(draws, 1e-3)
+    for j in range(k):
+        d = ks_statistic(p[:, j], lambda x: 1.0 - (1.0 - x).clamp(0.0, 1.0) ** (k - 1))
+        assert d < critical, f"coordinate {j}: KS statistic {d:.4f} >= {critical:.4f}"
+    smallest = p.min(1).values
+    d = ks_statistic(smallest, lambda x: 1.0 - (1.0 - k * x).clamp(0.0, 1.0) ** (k - 1))
+    assert d < critical, f"smallest coordinate: KS statistic {d:.4f} >= {critical:.4f}"
+
+
+def test_uniformity_test_rejects_normalised_uniform_draws() -> None:
+    """The KS check above has power: U / sum(U) (a common wrong recipe) fails it at k = 3."""
+    draws, k = 4000, 3
+    u = torch.rand(draws, k, generator=torch.Generator().manual_seed(2024), dtype=torch.float64)
+    p = u / u.sum(1, keepdim=True)
+    d = ks_statistic(p[:, 0], lambda x: 1.0 - (1.0 - x).clamp(0.0, 1.0) ** (k - 1))
+    assert d > ks_critical(draws, 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_simplex_sample_has_no_exact_zeros_and_inverts_for_every_method(
+    dtype: torch.dtype,
+) -> None:
+    """Softmax cannot reach 0: its inverse of an exact zero is log(eps). The draw has none."""
+    shape = (500, 8)
+    for method in METHODS:
+        c = Simplex(1.0, method=method)
+        w = c.sample(shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+        assert bool((w > 0).all())
+        pre = c.right_inverse(w)
+        assert bool(torch.isfinite(pre).all())
+        back = c(pre)
+        assert c.contains(back)
+        # softmax and relu invert up to the rounding of log/exp and of the eps mass
+        assert_matches_reference(back, w, w, 1.0, (1,), k=64.0)
+
+
+def test_simplex_point_with_exact_zeros_is_accepted_by_softmax() -> None:
+    """A point of the set with zeros (e.g. a sparsemax output) is accepted by softmax.
+
+    Its pre-weights are finite (log eps for the zeros) and map back within eps of it.
+    """
+    c = Simplex(1.0, method="softmax")
+    value = torch.tensor([0.75, 0.25, 0.0])
+    pre = c.right_inverse(value)
+    assert bool(torch.isfinite(pre).all())
+    back = c(pre)
+    assert c.contains(back)
+    assert float((back - value).abs().max()) <= 4 * torch.finfo(torch.float32).eps
+
+
+def test_sample_defaults_to_the_registered_shape_dtype_and_device() -> None:
+    lin = sumto.simplex(nn.Linear(4, 3).double(), method="sparsemax")
+    c = lin.parametrizations.weight[0]
+    w = c.sample()
+    assert w.shape == (3, 4) and w.dtype == torch.float64 and w.device.type == "cpu"
+    lin.float()
+    assert c.sample().dtype == torch.float32  # follows the constrained tensor
+    lin.to("meta")
+    assert c.sample().device.type == "meta"
+    # unregistered: the default dtype and device, and an explicit shape
+    assert Simplex().sample(5).dtype == torch.get_default_dtype()
+    assert Simplex().sample((2, 3), dtype=torch.float16).dtype == torch.float16
+    # a registered constraint samples other shapes too (they fit its configuration)
+    assert c.sample((2, 4), device="cpu").shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: Simplex().sample(), ValueError, "expected a shape to sample"),
+        (lambda: Simplex().sample((2, 1.5)), TypeError, "expected shape to be a tuple of ints"),
+        (lambda: Simplex().sample("3"), TypeError, "expected shape to be a tuple of ints"),
+        (lambda: Simplex().sample((2, -1)), ValueError, "expected non-negative sizes"),
+        (lambda: Simplex().sample(3, dtype=torch.int64), TypeError, "expected dtype"),
+        (lambda: Simplex().sample(3, dtype="float32"), TypeError, "expected dtype"),
+        (lambda: Simplex().sample(3, device=0), TypeError, "expected device"),
+        (lambda: Simplex().sample(3, generator=0), TypeError, "expected generator"),
+        (
+            lambda: Simplex().sample(3, generator=torch.Generator(), device="meta"),
+            ValueError,
+            "expected a generator on device meta",
+        ),
+        (lambda: Simplex(dim=2).sample((3, 4)), IndexError, "expected dim in range"),
+        (lambda: Simplex().sample((3, 0)), ValueError, "expected at least one element"),
+        (
+            lambda: BoxSum(1.0, lower=0.0, upper=0.1).sample((2, 4)),
+            ValueError,
+            r"n \* lower <= total <= n \* upper",
+        ),
+        (
+            lambda: AffineSum(torch.ones(3)).sample((2, 4)),
+            ValueError,
+            "keepdim-reduced shape",
+        ),
+    ],
+)
+def test_sample_bad_arguments_raise(call: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()  # type: ignore[operator]
+
+
+def test_sample_of_an_empty_batch() -> None:
+    for c in _sample_constraints(1.0, None, 4):
+        w = c.sample((0, 4))
+        assert w.shape == (0, 4) and c.contains(w)
+
+
+# ---------------------------------------------------------------------------
+# contains: the boolean membership test
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_contains_accepts_what_the_library_produces(dtype: torch.dtype, scale: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 9, generator=generator, dtype=torch.float64) * scale).to(dtype)
+    for total in (1e-3, 1.0, 10.0):
+        for c in _sample_constraints(total, None, 9):
+            assert c.contains(c(x)), f"{c}: forward of x * {scale:g}"
+            assert c.contains(c.project(x)), f"{c}: projection of x * {scale:g}"
+            assert c.contains(c.sample((6, 9), generator=generator, dtype=dtype))
+
+
+def test_contains_rejects_points_off_the_set() -> None:
+    simplex = Simplex(1.0)
+    assert simplex.contains(torch.tensor([0.25, 0.75]))
+    assert not simplex.contains(torch.tensor([0.25, 0.7]))  # wrong sum
+    assert not simplex.contains(torch.tensor([1.25, -0.25]))  # negative entry
+    assert not simplex.contains(torch.tensor([math.nan, 1.0]))
+    assert not simplex.contains(torch.tensor([math.inf, -math.inf]))
+    box = BoxSum(1.0, lower=0.0, upper=0.6)
+    assert box.contains(torch.tensor([0.6, 0.4]))
+    assert not box.contains(torch.tensor([0.7, 0.3]))  # above the upper bound
+    affine = AffineSum(torch.tensor([1.0, 2.0]))
+    assert affine.contains(torch.tensor([[0.5, 0.5], [3.0, -1.0]]))
+    assert not affine.contains(torch.tensor([[0.5, 0.5], [3.0, -0.5]]))
+    # the same sum error at a larger magnitude is rounding, at a small one it is not
+    off = torch.tensor([1e10, -1e10 + 1.0 + 1e-7], dtype=torch.float64)
+    assert AffineSum(1.0).contains(off)
+    assert not AffineSum(1.0).contains(torch.tensor([0.5, 0.5 + 1e-7], dtype=torch.float64))
+
+
+def test_contains_with_an_explicit_atol() -> None:
+    c = AffineSum(1.0)
+    x = torch.tensor([0.5, 0.49])  # violation 0.01
+    assert not c.contains(x)
+    assert c.contains(x, atol=0.02)
+    assert not c.contains(x, atol=0.005)
+    assert c.contains(torch.tensor([0.5, 0.5]), atol=0)
+
+
+def test_contains_is_false_for_a_shape_the_constraint_does_not_fit() -> None:
+    lin = sumto.sum_to(nn.Linear(3, 2))
+    c = lin.parametrizations.weight[0]
+    assert c.contains(lin.weight.detach())
+    assert not c.contains(torch.full((3, 3), 1 / 3))  # on the set, not the registered shape
+    assert AffineSum().contains(torch.full((3, 3), 1 / 3))  # unregistered: any fitting shape
+    assert not AffineSum(dim=2).contains(torch.full((3, 3), 1 / 3))  # dim out of range
+    assert not AffineSum(torch.ones(2)).contains(torch.full((3, 3), 1 / 3))  # total's shape
+    assert not AffineSum().contains(torch.ones(3, 0))  # empty slices
+    assert not BoxSum(1.0, lower=0.0, upper=0.2).contains(torch.full((2, 3), 1 / 3))  # empty set
+
+
+@pytest.mark.parametrize(
+    ("x", "atol", "error", "message"),
+    [
+        ([0.5, 0.5], None, TypeError, "expected x to be a torch.Tensor"),
+        (torch.tensor([1, 0]), None, TypeError, "expected x to be a floating point tensor"),
+        (torch.tensor([0.5, 0.5]), -1.0, ValueError, "expected atol >= 0"),
+        (torch.tensor([0.5, 0.5]), math.nan, ValueError, "expected atol >= 0"),
+        (torch.tensor([0.5, 0.5]), "0.1", TypeError, "expected atol to be a float"),
+        (torch.empty(2, device="meta"), None, ValueError, "got a meta tensor"),
+    ],
+)
+def test_contains_bad_arguments_raise(
+    x: object, atol: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Simplex().contains(x, atol=atol)  # type: ignore[arg-type]
+
+
+def test_per_entry_bounds_sample_and_contains() -> None:
+    box = BoxSum(lower=torch.tensor([0.0, 0.1, -1.0, 0.0]), upper=CAPS)
+    g = torch.Generator().manual_seed(0)
+    draws = box.sample((500, 4), generator=g)
+    assert box.contains(draws)
+    assert bool((draws >= box.lower).all() and (draws <= CAPS).all())
+    assert not box.contains(torch.tensor([[0.9, 0.1, 0.0, 0.0]]))  # above the first cap
+    one_sided = BoxSum(lower=torch.tensor([0.0, -math.inf, 0.0]), upper=1.0)
+    assert one_sided.contains(one_sided.sample((50, 3), generator=g))

@@ -436,3 +436,90 @@ class _IntBuffer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("counts", torch.ones(2, 2, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------
+# sample, contains and init="sample"
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize(
+    ("shape", "dim", "dims"),
+    [
+        ((3, 4), None, (1,)),
+        ((12,), None, (0,)),
+        ((4, 2, 3), (0, 2), (0, 2)),
+        ((2, 3, 5), -1, (2,)),
+    ],
+)
+def test_sample_is_the_projected_gaussian_on_the_set(
+    shape: tuple[int, ...],
+    dim: int | tuple[int, ...] | None,
+    dims: tuple[int, ...],
+    dtype: torch.dtype,
+) -> None:
+    n = math.prod(shape[d] for d in dims)
+    A, b = _system(n, m=3)
+    c = sumto.LinearEquality(A, b, dim=dim)
+    w = c.sample(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    assert w.shape == shape and w.dtype == dtype and not w.requires_grad
+    assert c.contains(w)
+    assert_satisfies(w, A, b, dims)
+    # The documented draw: standard Gaussian entries (float64), projected.
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = ref_project_linear(z, A, b, dims)
+    eps = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-13
+    torch.testing.assert_close(w.double(), expected, rtol=2 * eps, atol=16 * eps)
+    again = c.sample(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    assert torch.equal(w, again)
+
+
+def test_bayar_sample_has_centre_minus_one_and_the_rest_summing_to_one() -> None:
+    c = sumto.LinearEquality.bayar(5)
+    w = c.sample((4, 3, 5, 5), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert c.contains(w)
+    torch.testing.assert_close(w[:, :, 2, 2], torch.full((4, 3), -1.0, dtype=torch.float64))
+    torch.testing.assert_close(w.sum((2, 3)), torch.zeros(4, 3, dtype=torch.float64))
+
+
+def test_contains_accepts_projections_and_rejects_points_off_the_set() -> None:
+    A, b = _system(4)
+    c = sumto.LinearEquality(A, b)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    for scale in (1e-3, 1.0, 1e4):
+        assert c.contains(c(x * scale)) and c.contains(c.project(x * scale))
+    on_set = c.project(x)
+    off = on_set.clone()
+    off[1, 2] += 0.01
+    assert not c.contains(off)
+    assert c.contains(off, atol=1.0)
+    assert not c.contains(torch.zeros(3, 5))  # slices without the 4 entries of A
+    lin = sumto.linear_equality(nn.Linear(4, 3), A=A, b=b)
+    registered = lin.parametrizations.weight[0]
+    assert registered.contains(lin.weight.detach())
+    assert not registered.contains(on_set[:2])  # on the set, not the registered shape
+
+
+def test_init_sample_for_linear_equality_and_bayar() -> None:
+    A, b = _system(4, m=3)
+    lin = nn.Linear(4, 3)
+    torch.manual_seed(3)
+    sumto.linear_equality(lin, A=A, b=b, init="sample")
+    c = lin.parametrizations.weight[0]
+    torch.manual_seed(3)
+    expected = c.sample()
+    assert torch.equal(lin.parametrizations.weight.original, expected)
+    assert_satisfies(lin.weight.detach(), A, b, (1,))
+    conv = sumto.bayar(nn.Conv2d(2, 3, 3, bias=False).double(), init="sample")
+    w = conv.weight.detach()
+    assert w.dtype == torch.float64
+    torch.testing.assert_close(w[:, :, 1, 1], torch.full((3, 2), -1.0, dtype=torch.float64))
+    torch.testing.assert_close(w.sum((2, 3)), torch.zeros(3, 2, dtype=torch.float64))
+    # a sampled value round trips through a plain checkpoint (the projection, re-applied,
+    # moves it by rounding only) and through the constrained one exactly
+    other = sumto.bayar(nn.Conv2d(2, 3, 3, bias=False).double())
+    other.load_state_dict({"weight": w})
+    torch.testing.assert_close(other.weight, conv.weight, rtol=0, atol=1e-14)
+    other.load_state_dict(conv.state_dict())
+    assert torch.equal(other.weight, conv.weight)

@@ -16,6 +16,7 @@ from reference import (
     SHARPEN,
     SHARPEN_DIAGONAL,
     assert_constraints_hold,
+    assert_matches_reference,
     assert_sums,
     ref_project_box_sum,
     ref_project_simplex,
@@ -229,7 +230,7 @@ def test_registration_errors() -> None:
         sumto.sum_to(nn.Linear(3, 2), dim=2)
     with pytest.raises(ValueError, match="expected distinct dims"):
         sumto.sum_to(nn.Conv2d(1, 1, 3), dim=(1, -3))
-    with pytest.raises(ValueError, match="expected init to be 'project' or a tensor"):
+    with pytest.raises(ValueError, match="expected init to be 'project', 'sample' or a tensor"):
         sumto.sum_to(nn.Linear(3, 2), init="zeros")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keepdim-reduced shape"):
         sumto.sum_to(nn.Linear(3, 2), total=torch.ones(3))
@@ -603,3 +604,86 @@ def test_tying_a_constrained_weight_with_the_suggested_recipe_keeps_both_constra
     assert torch.equal(model.dec.weight, model.enc.weight)
     assert model.dec.parametrizations.weight.original is model.enc.parametrizations.weight.original
     assert_constraints_hold(model)
+
+
+# ---------------------------------------------------------------------------
+# init="sample" and sampled values
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("helper", HELPER_FNS, ids=HELPER_IDS)
+def test_init_sample_registers_a_random_point_drawn_from_the_global_generator(
+    helper: Helper,
+) -> None:
+    projected = helper(seeded_linear(5, 3))
+    lin = seeded_linear(5, 3)
+    torch.manual_seed(1)
+    assert helper(lin, init="sample") is lin
+    c = lin.parametrizations.weight[0]
+    torch.manual_seed(1)
+    expected = c.sample()  # the same draw: shape, dtype and device of the weight
+    assert torch.equal(lin.parametrizations.weight.original, c.right_inverse(expected))
+    assert_matches_reference(lin.weight.detach(), expected, expected, 1.0, (1,), k=64.0)
+    assert_constraints_hold(lin)
+    assert c.contains(lin.weight.detach())
+    assert not torch.equal(lin.weight, projected.weight)  # the old value is not used
+    # another seed, another point
+    torch.manual_seed(2)
+    assert not torch.equal(helper(seeded_linear(5, 3), init="sample").weight, lin.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("helper", HELPER_FNS, ids=HELPER_IDS)
+def test_init_sample_with_tensor_totals_dims_and_dtypes(helper: Helper, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    totals = torch.tensor([1.0, 2.0, 0.5, 3.0]).view(4, 1, 1, 1)
+    conv = helper(nn.Conv2d(2, 4, 3).to(dtype), total=totals, init="sample")
+    original = conv.parametrizations.weight.original
+    assert original.dtype == dtype and original.shape == (4, 2, 3, 3)
+    assert_constraints_hold(conv)
+    lin = helper(nn.Linear(3, 6).to(dtype), dim=0, total=2.0, init="sample")
+    assert_sums(lin.weight.detach(), 2.0, (0,))
+    assert_constraints_hold(lin)
+
+
+def test_init_sample_also_for_constrain_and_buffers() -> None:
+    module = nn.Module()
+    module.register_buffer("mix", torch.zeros(2, 3, 4))
+    torch.manual_seed(0)
+    sumto.constrain(module, "mix", sumto.Simplex(dim=(0, 2)), init="sample")
+    mix = module.mix
+    assert_sums(mix, 1.0, (0, 2))
+    assert bool((mix > 0).all())
+
+
+def test_init_sample_on_the_meta_device_sets_nothing() -> None:
+    with torch.device("meta"):
+        lin = sumto.simplex(nn.Linear(4, 3), init="sample")
+    assert lin.weight.is_meta
+    lin.to_empty(device="cpu")
+    assert lin.parametrizations.weight[0].sample().device.type == "cpu"  # follows the weight
+    plain = {"weight": torch.full((3, 4), 0.25), "bias": torch.zeros(3)}
+    lin.load_state_dict(plain)
+    assert_constraints_hold(lin)
+
+
+@pytest.mark.parametrize("helper", HELPER_FNS, ids=HELPER_IDS)
+def test_sampled_values_round_trip_through_assignment_and_state_dict_loads(
+    helper: Helper,
+) -> None:
+    lin = helper(nn.Linear(5, 3))
+    c = lin.parametrizations.weight[0]
+    for seed in range(3):
+        value = c.sample(generator=torch.Generator().manual_seed(seed))
+        lin.weight = value  # accepted: checked like any assignment
+        assert c.contains(lin.weight.detach())
+        assert_matches_reference(lin.weight.detach(), value, value, 1.0, (1,), k=64.0)
+        # a plain checkpoint holding a sampled value loads into a constrained model
+        fresh = helper(nn.Linear(5, 3))
+        fresh.load_state_dict(save_and_load({"weight": value, "bias": torch.zeros(3)}))
+        assert_matches_reference(fresh.weight.detach(), value, value, 1.0, (1,), k=64.0)
+        # and the constrained checkpoint of a sampled init loads exactly
+        other = helper(nn.Linear(5, 3))
+        other.load_state_dict(save_and_load(lin.state_dict()))
+        assert torch.equal(other.weight, lin.weight)
+        assert_constraints_hold(other)

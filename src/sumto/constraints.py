@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -106,6 +106,8 @@ class Constraint(nn.Module):
     map on the set (``right_inverse``), projects onto the set (``project``) and
     measures how far a tensor is from it (``violation``). Subclasses implement
     ``forward``, ``project``, ``violation``, ``_inverse`` and ``_bind_shape``.
+    ``sample`` draws random points of the set (a subclass may override ``_sample``,
+    whose default projects a Gaussian) and ``contains`` tests membership.
 
     Args:
         dim: Dim or tuple of dims each constraint slice spans; ``None`` means one
@@ -119,6 +121,8 @@ class Constraint(nn.Module):
         # so that assignments of a wrong shape fail instead of breaking later.
         self._shape: tuple[int, ...] | None = None
         self._dtype: torch.dtype | None = None
+        # Device of the constrained tensor (the default device of ``sample``).
+        self._device: torch.device | None = None
         # Note [Constraint configuration in state_dict metadata]
         self._register_state_dict_hook(_save_config_hook)  # type: ignore[no-untyped-call]
         self.register_load_state_dict_pre_hook(_load_entries_hook)  # type: ignore[no-untyped-call]
@@ -350,6 +354,7 @@ class Constraint(nn.Module):
             self._bind_shape(shape)
         self._shape = shape
         self._dtype = tensor.dtype
+        self._device = tensor.device
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Constraint:
         """Convert buffers that define the set to wider dtypes only, never to narrower ones.
@@ -374,6 +379,8 @@ class Constraint(nn.Module):
 
         if self._dtype is not None:
             self._dtype = fn(torch.empty(0, dtype=self._dtype)).dtype
+        if self._device is not None:
+            self._device = fn(torch.empty(0, dtype=self._dtype, device=self._device)).device
         return super()._apply(widen_only, recurse)  # type: ignore[no-any-return,no-untyped-call]
 
     def check_member(self, value: Tensor, what: str = "value") -> None:
@@ -423,6 +430,188 @@ class Constraint(nn.Module):
         if self._dtype is not None:
             value = value.to(self._dtype)
         return self._inverse(value)
+
+    # -- random points and membership -------------------------------------------
+    def sample(
+        self,
+        shape: Sequence[int] | int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        r"""A random tensor on the set, e.g. to initialise a constrained weight.
+
+        Every slice over the constrained dims is drawn independently:
+
+        * :class:`Simplex` (every ``method``): uniform on the simplex, i.e.
+          :math:`c\,\mathrm{Dirichlet}(1, \dots, 1)`, drawn as normalised exponentials
+          :math:`c\,E_i / \sum_j E_j`, :math:`E_i = -\log U_i`. The draw has exact zeros
+          with probability ~0 only (an underflow when rounding to ``dtype``), so softmax,
+          which never reaches 0, maps its pre-weights back to it within rounding; a
+          point with exact zeros is accepted too (its zeros come back eps-sized).
+        * :class:`AffineSum` and :class:`sumto.LinearEquality`: standard Gaussian
+          entries mapped onto the set by :meth:`project` (a Gaussian on the affine set,
+          centred at its point nearest the origin).
+        * :class:`BoxSum`: each entry drawn in its interval (uniform between two finite
+          bounds, ``lower + E`` or ``upper - E`` with ``E`` ~ Exp(1) for one finite
+          bound, standard Gaussian for none), then the slice mapped onto the sum by
+          :meth:`project`. On the set, but *not* uniform on it: the projection puts
+          positive mass on the faces where entries sit on a bound.
+
+        The draw is computed in float64 (float32 on MPS) and rounded to ``dtype``,
+        then, for the projected draws, projected in ``dtype`` as :meth:`forward` does:
+        the result passes :meth:`contains`, assignment, registration and checkpoint
+        loading. The same ``generator`` state gives the same tensor.
+
+        Args:
+            shape: Shape of the tensor (an int means a 1-D tensor); ``None`` means the
+                registered shape (the shape of the tensor the constraint was registered on).
+            generator: Random number generator on ``device``; ``None`` uses torch's
+                global one (like ``torch.rand``).
+            dtype: Floating point dtype; ``None`` means the registered tensor's dtype,
+                or ``torch.get_default_dtype()`` for an unregistered constraint.
+            device: Device; ``None`` means the registered tensor's device, or torch's
+                default device for an unregistered constraint.
+
+        Returns:
+            A tensor of ``shape``, ``dtype`` and ``device`` on the set (no gradient).
+
+        Raises:
+            TypeError: If ``shape``, ``dtype`` or ``generator`` has the wrong type.
+            ValueError: If ``shape`` is ``None`` and no shape is registered, the set is
+                empty or undefined for ``shape`` (an empty slice, a box too narrow for
+                the total, slices without the ``n`` entries of ``A``), or ``generator``
+                is on another device.
+            IndexError: If a configured dim is out of range for ``shape``.
+
+        Example:
+            >>> import torch
+            >>> from sumto import Simplex
+            >>> c = Simplex(total=2.0)
+            >>> w = c.sample((3, 4), generator=torch.Generator().manual_seed(0))
+            >>> w.shape, bool((w >= 0).all()), c.contains(w)
+            (torch.Size([3, 4]), True, True)
+            >>> torch.allclose(w.sum(1), torch.full((3,), 2.0))
+            True
+        """
+        size = self._sample_shape(shape)
+        out_dtype = self._sample_dtype(dtype)
+        out_device = self._sample_device(device)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(
+                    f"expected generator to be a torch.Generator, got {type(generator).__name__}"
+                )
+            if generator.device.type != out_device.type:
+                raise ValueError(
+                    f"expected a generator on device {out_device}, got one on {generator.device}"
+                )
+        with torch.device("cpu"):  # host-side checks, also under a meta default device
+            self._check_input(torch.empty(size, dtype=out_dtype, device="meta"), False)
+        with torch.no_grad():
+            return self._sample(size, generator, out_dtype, out_device)
+
+    def _sample(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        """Standard Gaussian entries (drawn in float64) projected onto the set in ``dtype``."""
+        z = torch.randn(shape, generator=generator, dtype=wide_dtype(device), device=device)
+        return self.project(z.to(dtype))
+
+    def _sample_shape(self, shape: Sequence[int] | int | None) -> tuple[int, ...]:
+        if shape is None:
+            if self._shape is None:
+                raise ValueError(
+                    "expected a shape to sample (the constraint is not registered on a tensor, "
+                    f"so it has no shape of its own), got None for {type(self).__name__}"
+                )
+            return self._shape
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if not isinstance(shape, Sequence) or any(
+            isinstance(s, bool) or not isinstance(s, int) for s in shape
+        ):
+            raise TypeError(f"expected shape to be a tuple of ints, got {shape!r}")
+        if any(s < 0 for s in shape):
+            raise ValueError(f"expected non-negative sizes in shape, got {tuple(shape)}")
+        return tuple(shape)
+
+    def _sample_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype is None:
+            return self._dtype if self._dtype is not None else torch.get_default_dtype()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"expected dtype to be a floating point torch.dtype, got {dtype!r}")
+        return dtype
+
+    def _sample_device(self, device: torch.device | str | None) -> torch.device:
+        if device is None:
+            if self._device is not None:
+                return self._device
+            return torch.get_default_device()
+        if not isinstance(device, (torch.device, str)):
+            raise TypeError(
+                f"expected device to be a torch.device or a str, got {type(device).__name__}"
+            )
+        return torch.device(device)
+
+    def contains(self, x: Tensor, atol: float | None = None) -> bool:
+        """Whether ``x`` lies on the set: the right shape, finite, violation within ``atol``.
+
+        The boolean form of :meth:`violation`. With the default ``atol`` it accepts
+        exactly what assignment, registration and checkpoint loading accept, so
+        :meth:`forward`, :meth:`project` and :meth:`sample` outputs are contained. It
+        returns a Python ``bool``, so it synchronises with the device (and graph-breaks
+        under ``torch.compile``): use it in checks and tests, not in hot paths.
+
+        Args:
+            x: Floating point tensor. A registered constraint requires its registered
+                shape; an unregistered one any shape its configuration fits (the dims
+                in range, non-empty slices, a total broadcastable to the slices, ``n``
+                entries per slice for :class:`sumto.LinearEquality`).
+            atol: Largest violation accepted; ``None`` means :meth:`tolerance` of
+                ``x``, the rounding error of a sum in ``x``'s dtype.
+
+        Returns:
+            ``True`` if ``x`` is on the set within ``atol``, ``False`` otherwise (also for
+            a wrong shape and for non-finite entries).
+
+        Raises:
+            TypeError: If ``x`` is not a floating point tensor or ``atol`` not a number.
+            ValueError: If ``atol`` is negative or NaN, or ``x`` is a meta tensor (no values).
+
+        Example:
+            >>> import torch
+            >>> from sumto import Simplex
+            >>> c = Simplex()
+            >>> c.contains(torch.tensor([0.25, 0.75])), c.contains(torch.tensor([1.5, -0.5]))
+            (True, False)
+            >>> c.contains(torch.tensor([0.5, 0.49]), atol=0.02)
+            True
+        """
+        F._check_float_tensor(x)
+        if atol is not None:
+            atol = _checks.check_number(atol, "atol")
+            if not atol >= 0.0:
+                raise ValueError(f"expected atol >= 0, got {atol}")
+        if x.is_meta:
+            raise ValueError("expected x with values, got a meta tensor")
+        if self._shape is not None and tuple(x.shape) != self._shape:
+            return False
+        try:
+            with torch.device("cpu"):  # host-side checks, also under a meta default device
+                self._check_input(x, registered_shape=False)
+        except (IndexError, ValueError):
+            return False  # the configuration does not fit this shape: no point of the set
+        value = x.detach()
+        if value.numel() > 0 and not bool(torch.isfinite(value).all()):
+            return False
+        tol = self.tolerance(value) if atol is None else atol
+        return bool(float(self.violation(value)) <= tol)
 
 
 class _TotalMixin(Constraint):
@@ -629,6 +818,30 @@ class Simplex(_TotalMixin):
         s = f"{self._total_repr()}, dim={self.dim}, method={self.method!r}"
         return s + (f", temperature={self.temperature:g}" if self.temperature != 1.0 else "")
 
+    def _sample(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        r"""Uniform on the simplex: :math:`c\,E_i / \sum_j E_j`, :math:`E_i = -\log U_i` i.i.d.
+
+        ``U`` is uniform on ``(0, 1]`` (``1 - torch.rand``), drawn and normalised in
+        float64, so ``E`` is finite and zero only for ``U = 1`` (probability 2^-53);
+        the same point whatever the method, whose inverse maps accept it.
+        """
+        wide = wide_dtype(device)
+        u = torch.rand(shape, generator=generator, dtype=wide, device=device)
+        e = -torch.log1p(-u)  # -log(1 - u), Exp(1) distributed, finite since u < 1
+        dims = self.dims(len(shape))
+        s = e.sum(dims, keepdim=True) if len(shape) > 0 else e
+        n = F._reduced_size(shape, dims)
+        # s == 0 only if every u of the slice is 0: the uniform point, not 0 / 0
+        p = torch.where(s > 0, e / s.clamp_min(torch.finfo(wide).tiny), 1.0 / n)
+        total = self._total_value(p, dims)
+        return (p * total).to(dtype)
+
 
 class BoxSum(_TotalMixin):
     r"""Box-bounded sum: ``lower <= w_i <= upper`` and the sum over ``dim`` is ``total``.
@@ -740,3 +953,36 @@ class BoxSum(_TotalMixin):
             for name, b in (("lower", self.lower), ("upper", self.upper))
         ]
         return f"{super().extra_repr()}, {', '.join(bounds)}"
+
+    def _sample(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        """Independent entries in the box, then the slices projected onto the set.
+
+        Each entry is drawn from its interval ``[lower, upper]``: uniform when both
+        bounds are finite, ``lower + E`` or ``upper - E`` (``E`` ~ Exp(1)) when only
+        one is, standard Gaussian when neither is (then the draw is
+        :class:`AffineSum`'s). The point of the box is then mapped onto the sum by
+        :meth:`project`, the Euclidean projection ``clamp(x - tau, lower, upper)``.
+        The result is on the set but *not* uniform on it: the projection puts
+        positive mass on the faces where entries sit on a bound. The bounds enter
+        only through elementwise tensor operations, so bounds broadcastable to the
+        tensor work too.
+        """
+        wide = wide_dtype(device)
+        z = torch.randn(shape, generator=generator, dtype=wide, device=device)
+        u = torch.rand(shape, generator=generator, dtype=wide, device=device)
+        lower = torch.as_tensor(self.lower, dtype=wide, device=device)
+        upper = torch.as_tensor(self.upper, dtype=wide, device=device)
+        has_lower, has_upper = torch.isfinite(lower), torch.isfinite(upper)
+        e = -torch.log1p(-u)  # Exp(1), finite since u < 1
+        # lower (1 - u) + upper u: no overflow for bounds near the dtype's range
+        x = torch.where(has_lower & has_upper, lower * (1.0 - u) + upper * u, z)
+        x = torch.where(has_lower & ~has_upper, lower + e, x)
+        x = torch.where(~has_lower & has_upper, upper - e, x)
+        big = torch.finfo(dtype).max  # a bound beyond dtype's range bounds none of its values
+        return self.project(x.clamp(-big, big).to(dtype))

@@ -340,7 +340,8 @@ def linear_equality(
         A: Coefficients, shape ``(m, n)``.
         b: Right-hand side, shape ``(m,)``.
         dim: Dims of each slice; ``None`` means one slice per output unit.
-        init: ``"project"`` or an exact constrained value (see :func:`sumto.constrain`).
+        init: ``"project"``, ``"sample"`` or an exact constrained value (see
+            :func:`sumto.constrain`).
 
     Returns:
         ``module``.
@@ -388,7 +389,8 @@ def bayar(conv: nn.Module, name: str = "weight", init: Init = "project") -> nn.M
         conv: A convolution (or any module whose ``name`` tensor is shaped
             ``(out, in, k, k)``, or ``(out, in, k)`` / ``(out, in, k, k, k)``).
         name: Name of the kernel tensor.
-        init: ``"project"`` or an exact constrained value (see :func:`sumto.constrain`).
+        init: ``"project"``, ``"sample"`` or an exact constrained value (see
+            :func:`sumto.constrain`).
 
     Returns:
         ``conv``.

@@ -37,7 +37,9 @@ from sumto.step import _projected_report
 
 __all__ = ["bake", "box_sum", "check", "constrain", "simplex", "sum_to"]
 
-Init = Literal["project"] | Tensor
+# "project": the current value projected onto the set; "sample": a random point of the
+# set (Constraint.sample); a tensor: that exact constrained value.
+Init = Literal["project", "sample"] | Tensor
 
 
 def _check_module(module: nn.Module) -> None:
@@ -181,9 +183,12 @@ def constrain(
         name: Name of a parameter or buffer of ``module``.
         constraint: A :class:`sumto.Constraint` instance (not shared with another tensor).
         init: ``"project"`` keeps the current value if it already satisfies the
-            constraint and otherwise projects it onto the set; a tensor sets that
-            exact constrained value. On the meta device nothing is checked or set:
-            call ``to_empty`` and load a checkpoint.
+            constraint and otherwise projects it onto the set; ``"sample"`` replaces
+            it by a random point of the set, ``constraint.sample(shape, dtype=...,
+            device=...)`` of the tensor's shape, dtype and device, drawn with torch's
+            global generator (seed it with ``torch.manual_seed``, as for
+            ``nn.init``); a tensor sets that exact constrained value. On the meta
+            device nothing is checked or set: call ``to_empty`` and load a checkpoint.
 
     Returns:
         ``module``, with ``module.<name>`` constrained.
@@ -230,11 +235,15 @@ def constrain(
                 # of huge entries loses the sum to rounding).
                 what = f"{type(module).__name__}.{name} projected with init='project'"
                 constraint.check_member(value, what)
+        elif isinstance(init, str) and init == "sample":
+            value = tensor.detach()
+            if not value.is_meta:  # no values on the meta device, as for "project"
+                value = constraint.sample(value.shape, dtype=value.dtype, device=value.device)
         elif isinstance(init, Tensor):
             constraint.check_member(init.detach(), "init")
             value = init.detach().to(device=tensor.device, dtype=tensor.dtype)
         else:
-            raise ValueError(f"expected init to be 'project' or a tensor, got {init!r}")
+            raise ValueError(f"expected init to be 'project', 'sample' or a tensor, got {init!r}")
         # Pre-weights computed here, on the set: right_inverse never sees the raw init
         # (a softmax right_inverse of a mostly negative weight gives dead pre-weights).
         tensor.copy_(value)
@@ -266,7 +275,8 @@ def sum_to(
         name: Parameter or buffer name.
         total: Target sum: a float or a tensor with one target per slice.
         dim: Dims of each sum; ``None`` means one sum per output unit.
-        init: ``"project"`` or an exact constrained value (see :func:`constrain`).
+        init: ``"project"``, ``"sample"`` or an exact constrained value (see
+            :func:`constrain`).
 
     Returns:
         ``module``.
@@ -311,7 +321,8 @@ def simplex(
         dim: Dims of each sum; ``None`` means one sum per output unit.
         method: Map from pre-weights to the simplex.
         temperature: Softmax/sparsemax temperature ``T > 0``.
-        init: ``"project"`` or an exact constrained value (see :func:`constrain`).
+        init: ``"project"``, ``"sample"`` or an exact constrained value (see
+            :func:`constrain`).
 
     Returns:
         ``module``.
@@ -327,6 +338,10 @@ def simplex(
         >>> lin.weight
         tensor([[0.2500, 0.2500, 0.2500, 0.2500],
                 [0.2500, 0.2500, 0.2500, 0.2500]], grad_fn=<...>)
+        >>> _ = torch.manual_seed(0)
+        >>> mix = sumto.simplex(nn.Linear(4, 2), init="sample")  # uniform on the simplex
+        >>> bool((mix.weight > 0).all()), torch.allclose(mix.weight.sum(1), torch.ones(2))
+        (True, True)
     """
     constraint = Simplex(total=total, dim=dim, method=method, temperature=temperature)
     return constrain(module, name, constraint, init)
@@ -356,7 +371,8 @@ def box_sum(
         lower: Lower bound of every entry, or a tensor of per-entry lower bounds
             broadcastable to the tensor's shape.
         upper: Upper bound of every entry, or per-entry upper bounds likewise.
-        init: ``"project"`` or an exact constrained value (see :func:`constrain`).
+        init: ``"project"``, ``"sample"`` or an exact constrained value (see
+            :func:`constrain`).
 
     Returns:
         ``module``.
