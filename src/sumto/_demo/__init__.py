@@ -275,43 +275,47 @@ def _kernel_text(kernel: list[list[float]]) -> str:
 def _photo_lines(photos: dict[str, Any]) -> list[str]:
     """Table of the real-photo kernel experiment."""
     train, held_out = photos["train_photos"], photos["held_out_photo"]
-    crops = f"{photos['crops_per_photo']} random {photos['crop_size']}x{photos['crop_size']} crops"
+    size = photos["crop_size"]
     lines = [
-        "4. Real photos (skimage.data, shipped in the wheel): sharpening kernels learned from "
-        f"{crops} of each training photo,",
-        f"   PSNR (dB, peak 1) of the learned filter on a held-out photo "
+        "4. Real photos from skimage.data (shipped in its wheel): sharpening kernels learned "
+        f"from {photos['crops_per_photo']} random {size}x{size} crops per photo,",
+        "   PSNR (dB, peak 1) of the learned filter on a held-out photo "
         f"(grey: {', '.join(train['grey'])} -> {held_out['grey']}; "
         f"colour: {', '.join(train['colour'])} -> {held_out['colour']})",
-        f"   {'kernel':<22}{'approach':<26}{'max |k - target|':>17}{'PSNR':>8}{'sum(s)':>12}",
+        f"   {'approach':<28}{'max |k - target|':>17}{'PSNR':>8}   sum of each filter",
     ]
-    cases = [(f"grey {name}", photos["grey"][name]) for name in photos["grey"]]
-    cases.append(("colour R/G/B", photos["colour"]))
-    names = {"grey cross": "Conv2d(1,1,3) cross", "grey diagonal": "Conv2d(1,1,3) diagonal"}
-    names["colour R/G/B"] = "Conv2d(3,3,3,groups=3)"
-    for case, result in cases:
-        lines.append(
-            f"   {names[case]:<22}{'(input itself)':<26}{'':>17}"
-            f"{_number(result['identity_psnr_db'], '.1f'):>8}"
-        )
+    cases = [
+        ("grey, Conv2d(1, 1, 3), cross [[0,-1,0],[-1,5,-1],[0,-1,0]]", photos["grey"]["cross"]),
+        (
+            "grey, Conv2d(1, 1, 3), diagonal [[-1,0,-1],[0,5,0],[-1,0,-1]]",
+            photos["grey"]["diagonal"],
+        ),
+        (
+            "colour, Conv2d(3, 3, 3, groups=3): R and B cross, G diagonal; one sum per channel",
+            photos["colour"],
+        ),
+    ]
+    for title, result in cases:
+        lines.append(f"   {title}")
+        identity = _number(result["identity_psnr_db"], ".1f")
+        lines.append(f"     {'(the input itself)':<26}{'':>17}{identity:>8}")
         for approach, r in result["approaches"].items():
-            sums = "/".join(f"{v:.4f}" for v in r["sums"])
+            sums = " ".join(f"{v:.4f}" for v in r["sums"])
             lines.append(
-                f"   {'':<22}{_APPROACH_LABELS[approach]:<26}"
+                f"     {_APPROACH_LABELS[approach]:<26}"
                 f"{_number(r['max_abs_error'], '.1e'):>17}{_number(r['psnr_db'], '.1f'):>8}"
-                f"{sums:>12}"
+                f"   {sums}"
             )
     grey = photos["grey"]["cross"]
-    lines += [
-        "   colour targets: R and B cross [[0,-1,0],[-1,5,-1],[0,-1,0]], G diagonal "
-        "[[-1,0,-1],[0,5,0],[-1,0,-1]]; one sum per output channel",
+    lines.append(
         "   learned with sum_to (grey cross): "
-        + _kernel_text(grey["approaches"]["sum_to"]["learned"][0]),
-    ]
+        + _kernel_text(grey["approaches"]["sum_to"]["learned"][0])
+    )
     lines += textwrap.wrap(
-        "Why plain Adam lags in the same steps: photos are smooth, so the 3x3 patches are "
+        "Unconstrained, the same Adam steps fall short: photos are smooth, so 3x3 patches are "
         "nearly constant and their Gram matrix has condition number "
-        f"{grey['gram_condition']['all']:.3g}; over the kernels that sum to 1, which is all "
-        f"sum_to searches, it is {grey['gram_condition']['sum_zero']:.3g}.",
+        f"{grey['gram_condition']['all']:.3g}; over the kernels that sum to 1, all that sum_to "
+        f"searches, it is {grey['gram_condition']['sum_zero']:.3g}.",
         width=100,
         initial_indent="   ",
         subsequent_indent="   ",
@@ -324,7 +328,7 @@ def _ensemble_lines(ensemble: dict[str, Any]) -> list[str]:
     samples = ensemble["samples"]
     names = ensemble["models"]
     lines = [
-        f"5. Real classifiers: {len(names)} scikit-learn models on {ensemble['dataset']}; "
+        f"5. Real classifiers: {len(names)} scikit-learn models on {ensemble['dataset']}, "
         f"{samples['train']} train / {samples['validation']} validation / {samples['test']} test",
         "   WeightedSum(weights='simplex') learns the mix of their class probabilities "
         "on the validation NLL",

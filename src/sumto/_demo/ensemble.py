@@ -183,7 +183,7 @@ def run_ensemble(seed: int, steps: int, bar_factory: Any) -> dict[str, Any]:
     }
     return {
         "summary": {
-            "dataset": "scikit-learn digits (8x8 images, 10 classes)",
+            "dataset": "the digits shipped with scikit-learn (8x8 images, 10 classes)",
             "samples": {s: int(splits[s][1].shape[0]) for s in splits},
             "models": names,
             "learned_weights": dict(zip(names, learned.tolist(), strict=True)),
