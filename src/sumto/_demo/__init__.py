@@ -344,7 +344,7 @@ def _ensemble_lines(ensemble: dict[str, Any]) -> list[str]:
         )
     rows = (
         ("uniform average", "uniform"),
-        (f"best single ({ensemble['best_single_model']})", "best_single"),
+        (f"best single on validation: {ensemble['best_single_model']}", "best_single"),
         ("learned mix", "learned"),
     )
     for label, key in rows:
@@ -355,6 +355,6 @@ def _ensemble_lines(ensemble: dict[str, Any]) -> list[str]:
     lines.append(
         f"   max |learned - optimum| = {_number(ensemble['max_abs_error'], '.1e')}   "
         f"(optimum: EM on the mixture weights in float64, {ensemble['optimum_iterations']} "
-        "iterations; best single chosen on validation accuracy)"
+        "iterations)"
     )
     return lines

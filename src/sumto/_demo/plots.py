@@ -179,8 +179,8 @@ def plot_photo_kernels(
     largest absolute error against that target.
     """
     columns = max(len(row) for _, row in rows)
-    fig = _figure(2.1 * columns + 1.2, 2.1 * len(rows) + 2.8)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2.4, 2.1 * len(rows)])
+    fig = _figure(2.1 * columns + 1.2, 2.1 * len(rows) + 2.3)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.0, 2.1 * len(rows)])
     axes = top.subplots(1, len(photos), squeeze=False)[0]
     for ax, (label, image) in zip(axes, photos, strict=True):
         _photo(ax, image, label)
