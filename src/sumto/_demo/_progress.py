@@ -1,4 +1,4 @@
-"""Optional-extra imports of the demo (tqdm, matplotlib), loaded lazily."""
+"""Optional-extra imports of the demo (tqdm, matplotlib, scikit-image, scikit-learn), loaded lazily."""
 
 from __future__ import annotations
 
@@ -8,21 +8,31 @@ from typing import Any
 __all__ = ["MissingExtraError", "progress", "require_extra"]
 
 _EXTRA_MODULES = ("matplotlib", "tqdm")
+# the real-data section's modules: the ones the demo extra adds for it
+_REAL_MODULES = ("skimage", "sklearn")
 
 
 class MissingExtraError(ImportError):
-    """The optional ``demo`` extra (matplotlib, tqdm) is not installed."""
+    """The optional ``demo`` extra (matplotlib, tqdm, scikit-image, scikit-learn) is missing."""
 
 
-def require_extra() -> None:
-    """Import the demo extra's modules, or raise a one-line :class:`MissingExtraError`."""
-    for name in _EXTRA_MODULES:
+def require_extra(real: bool = True) -> None:
+    """Import the demo extra's modules, or raise a one-line :class:`MissingExtraError`.
+
+    Args:
+        real: Also require the real-data section's modules (scikit-image, scikit-learn).
+    """
+    for name in _EXTRA_MODULES + (_REAL_MODULES if real else ()):
         try:
             importlib.import_module(name)
         except ImportError as exc:
+            hint = (
+                " (or skip the real-data section with --no-real)" if name in _REAL_MODULES else ""
+            )
             raise MissingExtraError(
-                f"expected the optional 'demo' extra (matplotlib, tqdm) to be installed, "
-                f"got {type(exc).__name__}: {exc}; install it with: pip install 'sumto[demo]'"
+                "expected the optional 'demo' extra (matplotlib, tqdm, scikit-image, "
+                f"scikit-learn) to be installed, got {type(exc).__name__}: {exc}; install it "
+                f"with: pip install 'sumto[demo]'{hint}"
             ) from exc
 
 

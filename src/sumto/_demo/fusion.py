@@ -59,7 +59,7 @@ def run_fusion(seed: int, steps: int, bar_factory: Any) -> dict[str, Any]:
     torch.manual_seed(seed)
     module = sumto.WeightedSum(len(MIXTURE), weights="simplex")
     x, y = sources.float(), target.float()
-    bar = bar_factory(steps, "1/3 fusion")
+    bar = bar_factory(steps, "1/5 fusion")
     try:
         trajectory, losses = _train(module, lambda: F.mse_loss(module(x), y), steps, bar)
     finally:
@@ -132,7 +132,7 @@ def run_missing(seed: int, steps: int, bar_factory: Any) -> dict[str, Any]:
     masked = sumto.WeightedSum(k, weights="simplex")
     zero_filled = sumto.WeightedSum(k, weights="simplex")
     filled = views * mask.T.unsqueeze(-1)  # absent views replaced by zeros
-    bar = bar_factory(2 * steps, "3/3 missing inputs")
+    bar = bar_factory(2 * steps, "3/5 missing inputs")
     try:
         trajectory, losses = _train(
             masked, lambda: F.mse_loss(masked(views, mask=mask), latent), steps, bar
