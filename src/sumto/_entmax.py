@@ -146,13 +146,12 @@ def _bisect(rows: Tensor, alpha: float | Tensor) -> Tensor:
     power = 1.0 / am1
     n = x.shape[-1]
     lo = torch.full_like(x[..., :1], -1.0)
-    hi = -((1.0 / n) ** am1) + torch.zeros_like(lo)
+    width = (1.0 - (1.0 / n) ** am1) + torch.zeros_like(lo)
     for _ in range(_iterations(x.dtype)):
-        mid = 0.5 * (lo + hi)
+        width = width * 0.5  # exact: the bracket is [lo, lo + width] throughout
+        mid = lo + width
         mass = (x - mid).clamp_min(0.0).pow(power).sum(-1, keepdim=True)
-        above = mass >= 1.0
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
+        lo = torch.where(mass >= 1.0, mid, lo)
     p = (x - lo).clamp_min(0.0).pow(power)
     p = p / p.sum(-1, keepdim=True)
     if isinstance(alpha, Tensor):

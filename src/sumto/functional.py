@@ -226,10 +226,9 @@ def _simplex_rows(
     if method == "softmax":
         return _scaled_to_total(torch.softmax(_scaled_rows(rows, temperature), dim=-1), total)
     if method == "entmax":
-        scaled = _scaled_rows(rows, temperature)
-        if not isinstance(alpha, Tensor) and alpha == 2.0:
-            return _project_simplex_rows(scaled, total)  # sparsemax, as method="sparsemax"
-        return _scaled_to_total(_entmax_rows(scaled, alpha), total)
+        # total * entmax: at alpha = 2 that is total * sparsemax, not the projection onto
+        # the scaled simplex (method="sparsemax"), so that alpha acts continuously
+        return _scaled_to_total(_entmax_rows(_scaled_rows(rows, temperature), alpha), total)
     n = rows.shape[-1]
     r = torch.relu(rows)
     return (r + RELU_EPS / n) * (total / (r.sum(-1, keepdim=True) + RELU_EPS))
@@ -272,7 +271,8 @@ def _check_alpha(alpha: Alpha, shape: Sequence[int], dims: tuple[int, ...]) -> N
                 raise ValueError(f"expected a finite alpha >= 1, got a tensor with {alpha}")
         return
     value = _checks.check_number(alpha, "alpha")
-    if not (math.isfinite(value) and value >= 1.0):
+    # comparisons, not math.isfinite: compile may trace a float argument symbolically
+    if not 1.0 <= value < math.inf:
         raise ValueError(f"expected a finite alpha >= 1, got {alpha!r}")
 
 
