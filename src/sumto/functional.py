@@ -1,7 +1,7 @@
 """Pure tensor maps and Euclidean projections onto sum-constrained sets.
 
 Every function here is a pure, differentiable map on tensors, and the one place
-where the simplex ``method`` (softmax, sparsemax, relu) is dispatched. The constraint
+where the simplex ``method`` (softmax, sparsemax, entmax, relu) is dispatched. The constraint
 classes in :mod:`sumto.constraints` and :class:`sumto.WeightedSum` only hold
 configuration and call these.
 
@@ -474,11 +474,12 @@ def entmax(x: Tensor, alpha: Alpha = DEFAULT_ALPHA, dim: Dim = -1) -> Tensor:
     Gradients: in ``x``, the Jacobian :math:`\operatorname{diag}(s) - s s^\top / \sum_i s_i`
     with :math:`s_i = p_i^{2 - \alpha}` on the support (0 off it), computed in O(n);
     in a tensor ``alpha``, the closed form of Peters et al. (at :math:`\alpha = 1`
-    exactly, its limit :math:`p_i (\sum_j p_j \log^2 p_j - \log^2 p_i) / 2`). Forward
-    mode (``jvp``, ``jacfwd``) and ``vmap`` are supported; double backward is what
-    autograd derives from the closed-form backward (exact wherever the support does
-    not change). Works under ``torch.compile`` (the step count is fixed: no host
-    sync).
+    exactly, and within :math:`\epsilon^{1/4}` of it, where the closed form cancels,
+    its limit :math:`p_i (\sum_j p_j \log^2 p_j - \log^2 p_i) / 2`). Forward mode
+    (``jvp``, ``jacfwd``), ``vmap`` and ``torch.jit.trace`` are supported; double
+    backward (``hessian``) is what autograd derives from the closed-form backward,
+    exact wherever the support does not change. Works under ``torch.compile`` with
+    ``fullgraph=True`` (the step count is fixed: no host sync).
 
     Args:
         x: Floating point tensor of scores.
