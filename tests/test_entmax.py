@@ -630,6 +630,28 @@ def test_learned_values_survive_a_checkpoint_round_trip_and_bake() -> None:
     assert_entmax_close(again.weight.detach(), value, 1.9, pre_weights(again))
 
 
+def test_fixed_alpha_checkpoints_check_the_alpha() -> None:
+    def model(alpha: float | Tensor) -> nn.Linear:
+        lin = nn.Linear(5, 3, bias=False)
+        sumto.simplex(lin, method="entmax", alpha=alpha)
+        return lin
+
+    per_row = model(torch.tensor([1.2, 1.5, 2.5]))
+    state = save_and_load(per_row.state_dict())
+    assert "parametrizations.weight.0.alpha" in state
+    fresh = model(torch.tensor([1.5, 1.5, 1.5]))
+    fresh.load_state_dict(state)  # the per-slice alpha is a saved tensor, like a total
+    assert torch.equal(fresh.weight, per_row.weight)
+    bad = type(state)({**state, "parametrizations.weight.0.alpha": torch.tensor([1.5, 0.5, 2.0])})
+    bad._metadata = state._metadata  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="expected a finite alpha >= 1"):
+        fresh.load_state_dict(bad)
+    with pytest.raises(ValueError, match=re.escape("'alpha': 1.5")):
+        model(1.3).load_state_dict(model(1.5).state_dict())
+    with pytest.raises(ValueError, match=re.escape("'alpha': 'tensor'")):
+        model(1.5).load_state_dict(state)
+
+
 def test_older_configurations_still_load() -> None:
     """Keys are added to the saved configuration only where they differ from the defaults."""
     c = sumto.Simplex(method="sparsemax", temperature=0.5)
