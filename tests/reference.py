@@ -619,3 +619,67 @@ def ks_critical(n: int, alpha: float) -> float:
     (Kolmogorov's limit, accurate to a few percent for ``n`` in the thousands).
     """
     return math.sqrt(-math.log(alpha / 2) / (2 * n))
+
+
+# ---------------------------------------------------------------------------
+# entmax
+# ---------------------------------------------------------------------------
+
+
+def ref_entmax(
+    x: Tensor, alpha: float | Tensor = 1.5, dims: Sequence[int] = (-1,), iters: int = 200
+) -> Tensor:
+    """alpha-entmax over each slice in float64, from its definition.
+
+    ``p_i = ((alpha - 1) z_i - tau)_+^(1 / (alpha - 1))`` with ``tau`` found by bisection
+    on the unshifted scores (bracket ``[(alpha - 1) max z - 1, (alpha - 1) max z]``),
+    row by row in Python floats; ``alpha = 1`` is softmax. ``alpha`` is a float or a
+    tensor broadcastable to the keepdim-reduced shape (one alpha per slice).
+    """
+    rows, shape = as_rows(x, dims)
+    alphas = total_rows(alpha, x, dims)
+    out = torch.empty_like(rows)
+    for i in range(rows.shape[0]):
+        z = [float(v) for v in rows[i]]
+        a = float(alphas[i, 0])
+        finite = [v for v in z if v != -math.inf]
+        if not finite:
+            out[i] = 1.0 / len(z)
+            continue
+        if a == 1.0:
+            top = max(finite)
+            e = [math.exp(v - top) if v != -math.inf else 0.0 for v in z]
+            out[i] = torch.tensor(e, dtype=torch.float64) / math.fsum(e)
+            continue
+        scaled = [(a - 1.0) * v if v != -math.inf else -math.inf for v in z]
+        hi = max(scaled)
+        lo = hi - 1.0
+
+        def mass(tau: float, scaled: list[float] = scaled, a: float = a) -> float:
+            return math.fsum(max(s - tau, 0.0) ** (1.0 / (a - 1.0)) for s in scaled)
+
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            if mass(mid) >= 1.0:
+                lo = mid
+            else:
+                hi = mid
+        p = [max(s - lo, 0.0) ** (1.0 / (a - 1.0)) for s in scaled]
+        out[i] = torch.tensor(p, dtype=torch.float64)
+    return from_rows(out, shape, dims)
+
+
+def entmax_tolerance(alpha: float, dtype: torch.dtype, spread: float, k: float = 16.0) -> float:
+    """Bound on |entmax(x) - exact| for scores spanning ``spread`` (max - min), in ``dtype``.
+
+    The outputs are ``u^(1/(alpha-1))`` of ``u = (alpha - 1)(z - max z) - tau``, rounded at
+    ``du = k eps ((alpha - 1) spread + 1)``. For ``alpha <= 2`` the exponent is >= 1 and
+    the map is ``1/(alpha-1)``-Lipschitz on [0, 1]; above 2 it is Hölder with that
+    exponent, so near the threshold ``du`` grows to ``du^(1/(alpha-1))``.
+    """
+    eps = compute_eps(dtype)
+    du = k * eps * ((alpha - 1.0) * spread + 1.0)
+    if alpha <= 1.0:
+        return k * eps * (spread + 1.0)
+    beta = 1.0 / (alpha - 1.0)
+    return beta * du if beta >= 1.0 else du**beta

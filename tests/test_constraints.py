@@ -374,7 +374,7 @@ def test_extra_repr_shows_the_configuration() -> None:
         (lambda: AffineSum(dim=(0, "1")), TypeError, "expected dim"),
         (lambda: Simplex(0.0), ValueError, "expected total > 0"),
         (lambda: Simplex(torch.tensor([1.0, -1.0])), ValueError, "expected total > 0"),
-        (lambda: Simplex(method="entmax"), ValueError, "expected method to be one of"),
+        (lambda: Simplex(method="hardmax"), ValueError, "expected method to be one of"),
         (lambda: Simplex(temperature=0.0), ValueError, "expected a finite temperature > 0"),
         (lambda: Simplex(temperature=-1.0), ValueError, "expected a finite temperature > 0"),
         (lambda: Simplex(temperature=math.inf), ValueError, "expected a finite temperature > 0"),

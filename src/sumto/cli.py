@@ -148,7 +148,7 @@ def _rebuild(state: Mapping[str, Any], base: str, extra: Any) -> Constraint:
             value = tuple(value)
         kwargs[str(key)] = value
     try:
-        constraint = cls(**kwargs)
+        constraint = cls(**cls._saved_kwargs(kwargs, own))
         constraint.load_state_dict(dict(own), strict=True)
     except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:
         raise _InspectError(

@@ -167,6 +167,16 @@ class Constraint(nn.Module):
         """Validate the configuration against a tensor shape (IndexError/ValueError)."""
         self.dims(len(shape))
 
+    @classmethod
+    def _saved_kwargs(cls, kwargs: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from a saved configuration and the checkpoint's tensors.
+
+        ``kwargs`` is the configuration with its ``"tensor"`` values replaced by the
+        tensors of those names; a subclass whose configuration names values held
+        elsewhere in the state_dict (a learned parameter) fills them in here.
+        """
+        return kwargs
+
     def _config(self) -> dict[str, Any]:
         """Plain-Python configuration, saved in the state_dict metadata of the owning module."""
         return {"dim": None if self.dim is None else list(self.dim)}
@@ -283,7 +293,7 @@ class Constraint(nn.Module):
                 value = tuple(value)
             kwargs[key] = value
         try:
-            fresh = cls(**kwargs)
+            fresh = cls(**cls._saved_kwargs(kwargs, {**self._parameters, **tensors}))
             if self._shape is not None and self._dtype is not None:
                 fresh._bind(torch.empty(self._shape, dtype=self._dtype, device="meta"))
         except (TypeError, ValueError, IndexError) as exc:
@@ -728,6 +738,43 @@ class AffineSum(_TotalMixin):
         return value
 
 
+# Note [Learned alpha and temperature]
+# A learned alpha or temperature is a smooth map of an unconstrained parameter, so
+# that any optimizer step (AdamW at a large learning rate included) keeps it in
+# range: alpha = 1 + sigmoid(r) lies in (1, 2), between softmax and sparsemax, the
+# range the entmax authors suggest for a learned alpha; log T = L tanh(r / L) with
+# L = log(1e30) keeps T inside TEMPERATURE_RANGE and is T = exp(r) for |r| << L.
+# Both are computed in the compute dtype (>= float32): a half precision parameter
+# would overflow exp and round alpha to 1 or 2.
+_LOG_T_LOW, _LOG_T_HIGH = (math.log(t) for t in _checks.TEMPERATURE_RANGE)
+_LOG_T_CENTRE = 0.5 * (_LOG_T_LOW + _LOG_T_HIGH)
+_LOG_T_HALF = 0.5 * (_LOG_T_HIGH - _LOG_T_LOW)
+
+
+def _alpha_from_raw(raw: Tensor) -> Tensor:
+    """alpha = 1 + sigmoid(r) (Note [Learned alpha and temperature])."""
+    return 1.0 + torch.sigmoid(raw)
+
+
+def _temperature_from_raw(raw: Tensor) -> Tensor:
+    """T = exp(c + L tanh(r / L)) (Note [Learned alpha and temperature])."""
+    return torch.exp(_LOG_T_CENTRE + _LOG_T_HALF * torch.tanh(raw / _LOG_T_HALF))
+
+
+def _raw_from_temperature(temperature: float) -> float:
+    return _LOG_T_HALF * math.atanh((math.log(temperature) - _LOG_T_CENTRE) / _LOG_T_HALF)
+
+
+def _check_flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} to be a bool, got {value!r}")
+    return value
+
+
+# Saved in the configuration in place of a learned value, which the state_dict holds.
+_LEARNED = "learned"
+
+
 class Simplex(_TotalMixin):
     r"""Simplex constraint: non-negative entries whose sum over ``dim`` is ``total``.
 
@@ -735,7 +782,7 @@ class Simplex(_TotalMixin):
         \mathcal{C} = \{ w : w_i \ge 0,\ \textstyle\sum_{i \in \text{dim}} w_i = c \},
         \qquad c > 0
 
-    Three maps from unconstrained pre-weights ``x``, all batched over the dims not in
+    Four maps from unconstrained pre-weights ``x``, all batched over the dims not in
     ``dim``:
 
     * ``"softmax"``: :math:`w = c\,\mathrm{softmax}(x / T)`. Smooth, never exactly
@@ -743,6 +790,11 @@ class Simplex(_TotalMixin):
       initialised at ``eps(dtype) * c`` (pre-weight ``T log eps``).
     * ``"sparsemax"``: :math:`w = P_{\mathcal{C}}(x / T)`, the Euclidean projection,
       with exact zeros; gradients vanish outside the support.
+    * ``"entmax"``: :math:`w = c\,\mathrm{entmax}_\alpha(x / T)`
+      (:func:`sumto.functional.entmax`), between softmax (:math:`\alpha = 1`) and
+      sparsemax (:math:`\alpha = 2`): exact zeros for low pre-weights, smoother
+      gradients than sparsemax on the support. Entries set to 0 are initialised a
+      full threshold bracket below the support (pre-weight :math:`-T / (\alpha - 1)`).
     * ``"relu"``: BiFPN fast normalised fusion,
       :math:`w = c\,(\mathrm{relu}(x) + \epsilon / n) / (\sum_j \mathrm{relu}(x_j) + \epsilon)`
       with :math:`\epsilon = 10^{-4}`. BiFPN's ``relu(x) / (eps + sum relu(x))`` sums to
@@ -751,17 +803,37 @@ class Simplex(_TotalMixin):
       When every pre-weight is <= 0 the weights are uniform (never NaN), and
       their gradient is zero.
 
+    With ``learn_alpha=True`` (entmax), :math:`\alpha = 1 + \sigma(r)` for a learnable
+    parameter ``alpha_raw`` (:math:`r`, unconstrained), so :math:`\alpha` stays in
+    :math:`(1, 2)` under any optimizer step; it is a scalar, or one per slice when
+    ``alpha`` is a tensor. With ``learn_temperature=True`` (softmax, sparsemax,
+    entmax), :math:`T = \exp(L \tanh(r / L))`, :math:`L = \ln 10^{30}`, for a scalar
+    learnable parameter ``temperature_raw``: :math:`T = e^r` for :math:`|r| \ll 69`, and
+    :math:`T` never leaves :math:`(10^{-30}, 10^{30})`. The parameters live on this
+    module: ``model.parameters()`` and the optimizer see them, and the state_dict
+    holds them (``parametrizations.<name>.0.alpha_raw``). Their current values are
+    :attr:`alpha` and :attr:`temperature`.
+
     Args:
         total: Target sum ``c > 0``: a float or a per-slice tensor.
         dim: Dims of each sum; ``None`` means one sum per output unit.
-        method: ``"softmax"``, ``"sparsemax"`` or ``"relu"``.
-        temperature: ``T`` in ``[1e-30, 1e30]`` dividing the pre-weights (softmax and
-            sparsemax); outside it ``x / T`` or ``T log(p)`` would overflow or vanish.
+        method: ``"softmax"``, ``"sparsemax"``, ``"entmax"`` or ``"relu"``.
+        temperature: ``T`` in ``[1e-30, 1e30]`` dividing the pre-weights (softmax,
+            sparsemax and entmax); outside it ``x / T`` or ``T log(p)`` would overflow or
+            vanish. With ``learn_temperature``, its initial value, strictly inside.
+        alpha: Entmax's :math:`\alpha \ge 1` (``"entmax"`` only; default 1.5): a
+            float, or a tensor with one :math:`\alpha` per slice (broadcastable to the
+            keepdim-reduced shape). With ``learn_alpha``, its initial value, in
+            :math:`(1, 2)`.
+        learn_alpha: Learn :math:`\alpha` (``"entmax"`` only).
+        learn_temperature: Learn :math:`T` (not with ``"relu"``, which has none).
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If ``total <= 0``, ``temperature`` is outside its range, ``method`` is unknown or
-            ``dim`` repeats.
+        ValueError: If ``total <= 0``, ``temperature`` is outside its range, ``method`` is
+            unknown, ``dim`` repeats, ``alpha`` is below 1 or given to another method
+            than entmax, a learned initial value is outside its open range, or a
+            learn flag is set for a method without that quantity.
 
     Example:
         >>> import torch
@@ -770,7 +842,15 @@ class Simplex(_TotalMixin):
         tensor([1., 0., 0.])
         >>> Simplex()(torch.zeros(4))
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
+        >>> Simplex(method="entmax", alpha=1.5)(torch.tensor([2.0, 1.0, -1.0]))
+        tensor([0.8307, 0.1693, 0.0000])
+        >>> learned = Simplex(method="entmax", learn_alpha=True, learn_temperature=True)
+        >>> sorted(name for name, _ in learned.named_parameters())
+        ['alpha_raw', 'temperature_raw']
     """
+
+    alpha_raw: Tensor | None
+    temperature_raw: Tensor | None
 
     def __init__(
         self,
@@ -778,6 +858,9 @@ class Simplex(_TotalMixin):
         dim: Dim | None = None,
         method: SimplexMethod = "softmax",
         temperature: float = 1.0,
+        alpha: float | Tensor | None = None,
+        learn_alpha: bool = False,
+        learn_temperature: bool = False,
     ) -> None:
         super().__init__(total, dim)
         if _has_values(self.total):
@@ -785,13 +868,104 @@ class Simplex(_TotalMixin):
         if method not in _SIMPLEX_METHODS:
             raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
         self.method: SimplexMethod = method
-        self.temperature = _checks.check_temperature(temperature)
+        self.learn_alpha = _check_flag(learn_alpha, "learn_alpha")
+        self.learn_temperature = _check_flag(learn_temperature, "learn_temperature")
+        self._temperature = _checks.check_temperature(temperature)
+        self.alpha_raw = None
+        self.temperature_raw = None
+        if self.learn_temperature:
+            if method == "relu":
+                raise ValueError(
+                    "expected method 'softmax', 'sparsemax' or 'entmax' with "
+                    "learn_temperature=True, got 'relu', which has no temperature"
+                )
+            low, high = _checks.TEMPERATURE_RANGE
+            if not low < self._temperature < high:
+                raise ValueError(
+                    f"expected a temperature strictly inside ({low:g}, {high:g}) with "
+                    f"learn_temperature=True, got {temperature!r}"
+                )
+            raw = torch.tensor(_raw_from_temperature(self._temperature))
+            self.temperature_raw = nn.Parameter(raw)
+        self._alpha: float | None = None
+        self._init_alpha(alpha)
+
+    def _init_alpha(self, alpha: float | Tensor | None) -> None:
+        if self.method != "entmax":
+            if alpha is not None or self.learn_alpha:
+                given = "learn_alpha=True" if alpha is None else f"alpha={_short(alpha)}"
+                raise ValueError(
+                    f"expected alpha and learn_alpha only with method='entmax', got {given} "
+                    f"with method={self.method!r}"
+                )
+            return
+        if alpha is None:
+            alpha = F.DEFAULT_ALPHA
+        # no slice shape yet: the shape is checked at registration (_bind_shape)
+        if isinstance(alpha, Tensor):
+            checked = alpha.new_ones(alpha.shape, device="cpu") if alpha.is_meta else alpha
+            F._check_alpha(checked, tuple(alpha.shape), ())
+            value: Tensor = alpha.detach().clone()
+            if not value.dtype.is_floating_point:
+                value = value.to(torch.get_default_dtype())
+        else:
+            F._check_alpha(alpha, (), ())
+            self._alpha = float(alpha)
+            value = torch.tensor(self._alpha)
+        if self.learn_alpha:
+            if not value.is_meta and not bool(((value > 1) & (value < 2)).all()):
+                raise ValueError(
+                    f"expected alpha strictly inside (1, 2) with learn_alpha=True (alpha = "
+                    f"1 + sigmoid(alpha_raw)), got {_short(alpha)}"
+                )
+            self._alpha = None
+            self.alpha_raw = nn.Parameter(torch.logit(value - 1.0))
+        elif isinstance(alpha, Tensor):
+            # A buffer named "alpha", read through the property below (register_buffer
+            # refuses a name the class defines): the state_dict entry is "alpha".
+            self._buffers["alpha"] = value
+
+    # -- the current alpha and temperature -------------------------------------
+    @property
+    def alpha(self) -> float | Tensor | None:
+        """Entmax's current alpha: a float, a tensor (per slice, or learned), or ``None``.
+
+        A learned alpha is ``1 + sigmoid(alpha_raw)``, differentiable; ``None`` for
+        the other methods.
+        """
+        if self.alpha_raw is not None:
+            return _alpha_from_raw(self.alpha_raw)
+        return self._buffers.get("alpha", self._alpha)
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """The current temperature: a float, or ``exp(L tanh(temperature_raw / L))``."""
+        if self.temperature_raw is not None:
+            return _temperature_from_raw(self.temperature_raw)
+        return self._temperature
+
+    def _map_args(self, like: Tensor, dims: tuple[int, ...]) -> tuple[Tensor | float, ...]:
+        """(temperature, alpha) as :func:`sumto.functional._simplex_rows` takes them."""
+        temperature: Tensor | float = self._temperature
+        if self.temperature_raw is not None:
+            temperature = _temperature_from_raw(self.temperature_raw.to(like.dtype))
+        if self.method != "entmax":
+            return temperature, F.DEFAULT_ALPHA
+        alpha: Tensor | float | None
+        if self.alpha_raw is not None:
+            alpha = _alpha_from_raw(self.alpha_raw.to(like.dtype))
+        else:
+            alpha = self._buffers.get("alpha", self._alpha)
+        assert alpha is not None  # set for entmax by the constructor
+        return temperature, F._alpha_rows(alpha, like, dims)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         dims = self.dims(x.ndim)
-        total = self._total_value(x.to(F._compute_dtype(x.dtype)), dims)
-        return F._apply_rows(x, total, dims, F._simplex_rows, self.method, self.temperature)
+        xc = x.to(F._compute_dtype(x.dtype))
+        total = self._total_value(xc, dims)
+        args = self._map_args(xc, dims)
+        return F._apply_rows(x, total, dims, F._simplex_rows, self.method, *args)
 
     def project(self, x: Tensor) -> Tensor:
         """Euclidean projection onto the simplex (exact zeros), whatever the method."""
@@ -808,15 +982,63 @@ class Simplex(_TotalMixin):
 
     def _inverse(self, value: Tensor) -> Tensor:
         dims = self.dims(value.ndim)
-        total = self._total_value(value.to(F._compute_dtype(value.dtype)), dims)
-        return F._apply_rows(value, total, dims, F._simplex_inverse, self.method, self.temperature)
+        vc = value.to(F._compute_dtype(value.dtype))
+        total = self._total_value(vc, dims)
+        with torch.no_grad():
+            args = self._map_args(vc, dims)
+        return F._apply_rows(value, total, dims, F._simplex_inverse, self.method, *args)
+
+    def _bind_shape(self, shape: tuple[int, ...]) -> None:
+        super()._bind_shape(shape)
+        alpha = self.alpha_raw if self.alpha_raw is not None else self._buffers.get("alpha")
+        if alpha is not None:
+            F._alpha_view_shape(tuple(alpha.shape), shape, self.dims(len(shape)))
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "method": self.method, "temperature": self.temperature}
+        temperature = _LEARNED if self.learn_temperature else self._temperature
+        config = {**super()._config(), "method": self.method, "temperature": temperature}
+        # Keys only where they differ from the defaults: checkpoints saved before they
+        # existed have the same configuration.
+        if self.method == "entmax":
+            if self.learn_alpha:
+                config["alpha"] = _LEARNED
+            else:
+                config["alpha"] = "tensor" if "alpha" in self._buffers else self._alpha
+        if self.learn_alpha:
+            config["learn_alpha"] = True
+        if self.learn_temperature:
+            config["learn_temperature"] = True
+        return config
+
+    @classmethod
+    def _saved_kwargs(cls, kwargs: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """Learned values from the checkpoint's parameters: their constructor checks them."""
+        kwargs = dict(kwargs)
+        with torch.no_grad():
+            raw = tensors.get("alpha_raw")
+            if kwargs.get("alpha") == _LEARNED and isinstance(raw, Tensor):
+                kwargs["alpha"] = _alpha_from_raw(raw.detach().double().cpu())
+            raw = tensors.get("temperature_raw")
+            if kwargs.get("temperature") == _LEARNED and isinstance(raw, Tensor):
+                value = _temperature_from_raw(raw.detach().double().cpu())
+                kwargs["temperature"] = float(value) if value.numel() == 1 else value
+        return kwargs
 
     def extra_repr(self) -> str:
         s = f"{self._total_repr()}, dim={self.dim}, method={self.method!r}"
-        return s + (f", temperature={self.temperature:g}" if self.temperature != 1.0 else "")
+        if self.learn_temperature:
+            s += ", learn_temperature=True"
+        elif self._temperature != 1.0:
+            s += f", temperature={self._temperature:g}"
+        if self.method == "entmax":
+            fixed = self._buffers.get("alpha")
+            if self.learn_alpha:
+                s += ", learn_alpha=True"
+            elif fixed is not None:
+                s += f", alpha=Tensor(shape={tuple(fixed.shape)})"
+            else:
+                s += f", alpha={self._alpha:g}"
+        return s
 
     def _sample(
         self,

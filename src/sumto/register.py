@@ -305,6 +305,10 @@ def simplex(
     method: SimplexMethod = "softmax",
     temperature: float = 1.0,
     init: Init = "project",
+    *,
+    alpha: float | Tensor | None = None,
+    learn_alpha: bool = False,
+    learn_temperature: bool = False,
 ) -> nn.Module:
     r"""Constrain ``module.<name>`` to non-negative entries summing to ``total``.
 
@@ -312,7 +316,9 @@ def simplex(
         \{ w : w_i \ge 0,\ \textstyle\sum_{i \in \text{dim}} w_i = c \}
 
     Registers :class:`sumto.Simplex` with the given ``method`` (``"softmax"``,
-    ``"sparsemax"`` or ``"relu"``). One sum per slice over ``dim``.
+    ``"sparsemax"``, ``"entmax"`` or ``"relu"``). One sum per slice over ``dim``.
+    Learned ``alpha`` and temperature are parameters of the constraint, under
+    ``module.parametrizations.<name>[0]``: create the optimizer after this call.
 
     Args:
         module: Module owning the tensor.
@@ -320,9 +326,14 @@ def simplex(
         total: Target sum ``c > 0``.
         dim: Dims of each sum; ``None`` means one sum per output unit.
         method: Map from pre-weights to the simplex.
-        temperature: Softmax/sparsemax temperature ``T > 0``.
+        temperature: Softmax/sparsemax/entmax temperature ``T > 0`` (with
+            ``learn_temperature``, its initial value).
         init: ``"project"``, ``"sample"`` or an exact constrained value (see
             :func:`constrain`).
+        alpha: Entmax's ``alpha >= 1`` (default 1.5): a float or a per-slice tensor
+            (with ``learn_alpha``, its initial value, in ``(1, 2)``).
+        learn_alpha: Learn ``alpha = 1 + sigmoid(r)`` (entmax only).
+        learn_temperature: Learn the temperature (see :class:`sumto.Simplex`).
 
     Returns:
         ``module``.
@@ -342,8 +353,19 @@ def simplex(
         >>> mix = sumto.simplex(nn.Linear(4, 2), init="sample")  # uniform on the simplex
         >>> bool((mix.weight > 0).all()), torch.allclose(mix.weight.sum(1), torch.ones(2))
         (True, True)
+        >>> mix = sumto.simplex(nn.Linear(4, 2), method="entmax", learn_alpha=True)
+        >>> "parametrizations.weight.0.alpha_raw" in dict(mix.named_parameters())
+        True
     """
-    constraint = Simplex(total=total, dim=dim, method=method, temperature=temperature)
+    constraint = Simplex(
+        total=total,
+        dim=dim,
+        method=method,
+        temperature=temperature,
+        alpha=alpha,
+        learn_alpha=learn_alpha,
+        learn_temperature=learn_temperature,
+    )
     return constrain(module, name, constraint, init)
 
 

@@ -563,8 +563,10 @@ def _shift_affine(w: Tensor, mask: Tensor | None) -> Tensor:
 def _check_kind(weights: str, method: str) -> WeightKind:
     if weights not in _WEIGHT_KINDS:
         raise ValueError(f"expected weights to be one of {_WEIGHT_KINDS}, got {weights!r}")
-    if method not in _SIMPLEX_METHODS:
-        raise ValueError(f"expected method to be one of {_SIMPLEX_METHODS}, got {method!r}")
+    # entmax weights would need a masked entmax to renormalise over present inputs
+    methods = tuple(m for m in _SIMPLEX_METHODS if m != "entmax")
+    if method not in methods:
+        raise ValueError(f"expected method to be one of {methods}, got {method!r}")
     if weights == "affine" and method != "softmax":
         raise ValueError(
             f"expected method='softmax' (the default, unused) with weights='affine', got {method!r}"
