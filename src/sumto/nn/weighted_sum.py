@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
-from torch.nn.utils import parametrize
 
 from sumto import functional as F
 from sumto._compat import is_compiling, own_parameter
@@ -240,12 +239,15 @@ class WeightedSum(LazyModuleMixin, nn.Module):
             with torch.no_grad():
                 pre.copy_(logits.unsqueeze(1).expand(shape) if logits.ndim < len(shape) else logits)
 
-    def initialize_parameters(self, inputs: Inputs, mask: Tensor | None = None) -> None:
+    def initialize_parameters(
+        self, inputs: Inputs, mask: Tensor | None = None, *, layer_norm_mask: Tensor | None = None
+    ) -> None:
         """Size the weights from the first call's inputs (LazyModuleMixin hook).
 
         Args:
             inputs: The first call's inputs; K is their number.
             mask: Unused.
+            layer_norm_mask: Unused.
 
         Raises:
             TypeError: If ``inputs`` is not a list, tuple or stacked tensor.
