@@ -200,6 +200,14 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         self.scale = nn.Parameter(torch.ones(())) if scale else None
         bias_shape = () if channels is None else (channels,)
         self.bias = nn.Parameter(torch.zeros(bias_shape)) if bias else None
+        # Whether a call without masks is the plain softmax mix (see forward); the
+        # weights' Simplex keeps its default temperature 1.
+        self._lean = (
+            self.kind == "simplex"
+            and method == "softmax"
+            and channels is None
+            and not (scale or bias or layer_norm)
+        )
 
     # -- sizing ---------------------------------------------------------------
     def _create_weights(self, k: int, init: Tensor | None, logits: Tensor | None = None) -> None:
@@ -367,6 +375,22 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                 ``layer_norm_mask`` is given without ``layer_norm=True``, has the
                 wrong shape or another device.
         """
+        if (
+            self._lean
+            and mask is None
+            and layer_norm_mask is None
+            and isinstance(inputs, (list, tuple))
+            and len(inputs) == self.num_inputs
+            and not (self.training and self.dropout > 0.0)
+        ):
+            # The plain softmax mix of all K inputs: the same checks and sum as below,
+            # without the steps that options and masks need (tiny mixes are overhead).
+            _check_same(inputs, None)
+            pre = self._pre_weights()
+            if pre is not None:
+                w = torch.softmax(pre, 0)
+                acc = F._compute_dtype(inputs[0].dtype)
+                return weighted_sum(w if w.dtype == acc else w.to(acc), inputs)
         tensors, present = self._parse_inputs(inputs)
         if isinstance(tensors, Tensor):
             shape, device = tuple(tensors.shape[1:]), tensors.device
