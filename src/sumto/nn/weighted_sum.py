@@ -58,7 +58,9 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     input once and allocates only the output (no ``torch.stack``); its backward
     allocates only the gradients it returns (plus one input-sized scratch buffer when
     the weights vary per channel or per row) and is itself differentiable (double
-    backward). Under ``torch.compile`` and ``torch.func`` transforms (``grad``,
+    backward). Without autograd recording (``torch.no_grad``, ``torch.inference_mode``)
+    the same one-pass sum runs without the function. Under ``torch.compile`` and
+    ``torch.func`` transforms (``grad``,
     ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``) and forward-mode AD the same sum runs as
     plain ops. The sum never synchronises with the device, so the module runs under
     ``torch.compile(fullgraph=True)``; the one host read is the eager-mode check of a
@@ -88,12 +90,14 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     ValueError. A state_dict of a sized module loads into an unsized one. The first
     call may come from several threads at once: one sizes the module, the others wait.
 
-    Checkpoints: ``state_dict()`` records K and ``names`` in its ``_metadata`` (plain
-    strings and ints, kept by ``torch.save`` and ``torch.load(weights_only=True)``; no
-    extra state_dict entry). Loading a checkpoint whose names are in another order
-    puts its weights in this module's order; other names or another K raise
-    ValueError before any tensor of this module changes. A checkpoint without this
-    metadata loads positionally.
+    Checkpoints: ``state_dict()`` records K, ``names``, ``layer_norm``, ``dropout`` and
+    ``trainable`` in its ``_metadata`` (plain strings, numbers and bools, kept by
+    ``torch.save`` and ``torch.load(weights_only=True)``; no extra state_dict entry).
+    Loading a checkpoint whose names are in another order puts its weights in this
+    module's order; other names, another K or another ``layer_norm`` (weights learned
+    for other inputs) raise ValueError before any tensor of this module changes.
+    ``dropout`` and ``trainable`` may differ: they do not change what the weights
+    mean. A checkpoint without this metadata loads positionally.
 
     Args:
         num_inputs: K, the number of inputs; ``None`` to take it from ``names``,
@@ -109,6 +113,25 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         bias: Learn a bias added after the sum: a scalar, or one per channel.
         channels: C, to learn one weight vector per channel (shape ``(K, C)``).
         channel_dim: Dim of each input holding the C channels.
+        init_logits: K initial pre-weights (ScalarMix's ``initial_scalar_parameters``),
+            shape ``(K,)`` or ``(K, C)``, set as the parametrization's unconstrained
+            tensor: the weights are their softmax (their sparsemax, relu map or
+            affine projection for the other maps). Exclusive with ``init``.
+        trainable: ``False`` fixes the weights: their pre-weights are a buffer,
+            saved in the state_dict under the same key but not in ``parameters()``
+            (``scale`` and ``bias``, if asked for, still learn). Checkpoints of
+            trainable and fixed modules load into each other.
+        layer_norm: Normalise each input before mixing, as ScalarMix's
+            ``do_layer_norm``: ``(x_k - mean_k) / sqrt(var_k + 1e-12)`` with the
+            mean and (biased) variance of input k over all its elements, or over the
+            positions of ``layer_norm_mask`` (see :meth:`forward`). The normalisation
+            is folded into the sum (no normalised copy of the inputs); an input with
+            no position left in the mask contributes 0.
+        dropout: Layer dropout (UDify's ``ScalarMixWithDropout``): in training mode
+            each input is left out of a call with probability ``dropout`` and the
+            weights of the others are renormalised, as for ``mask``; a row whose
+            inputs are all left out keeps one of them, chosen at random. No effect
+            in eval mode. In ``[0, 1)``.
 
     Attributes:
         weights: The current constrained weights, shape ``(K,)`` or ``(K, C)``
@@ -117,13 +140,18 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         bias: The bias, shape ``()`` or ``(C,)``, or ``None``.
         num_inputs: K, or ``None`` until a lazy module's first call.
         names: The input names, or ``None``.
+        trainable: Whether the weights learn.
+        layer_norm: Whether each input is normalised before mixing.
+        dropout: The layer dropout probability.
 
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If ``num_inputs`` < 1, ``names`` are empty or repeated, K from
-            ``num_inputs``, ``names`` and ``init`` disagree, ``weights``/``method``
-            is unknown, ``channels`` < 1, or ``init`` has the wrong shape or is off
-            the set.
+            ``num_inputs``, ``names``, ``init`` and ``init_logits`` disagree,
+            ``weights``/``method`` is unknown, ``channels`` < 1, ``init`` has the
+            wrong shape or is off the set, both ``init`` and ``init_logits`` are
+            given, ``init_logits`` has the wrong shape or a non-finite entry, or
+            ``dropout`` is outside ``[0, 1)``.
 
     Example:
         >>> import torch
@@ -138,6 +166,21 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         >>> named = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5])
         >>> named({"a": xs[0], "c": xs[2]})[0, 0]  # (0.2 * 0 + 0.5 * 2) / 0.7
         tensor(1.4286, grad_fn=<...>)
+
+        AllenNLP's ``ScalarMix(3, do_layer_norm=True, initial_scalar_parameters=s,
+        trainable=False)`` with layer dropout:
+
+        >>> mix = sumto.WeightedSum(
+        ...     init_logits=[0.0, 1.0, 2.0], trainable=False, layer_norm=True, dropout=0.2
+        ... )
+        >>> mix.weights
+        tensor([0.0900, 0.2447, 0.6652])
+        >>> list(mix.parameters())
+        []
+        >>> hidden = [torch.randn(2, 5, 8) for _ in range(3)]  # (batch, time, features)
+        >>> tokens = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+        >>> mix(hidden, layer_norm_mask=tokens).shape
+        torch.Size([2, 5, 8])
     """
 
     weights: Tensor
