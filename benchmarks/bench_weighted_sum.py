@@ -332,13 +332,16 @@ def run_targets(quick: bool, rounds: int, sample_time: float) -> list[Target]:
         # CPU time of the one timing thread: other jobs on a shared machine barely
         # disturb it, unlike wall-clock time.
         samplers = [
-            (case, side, _Sampler(fn, sample_time, time.thread_time))
-            for case in cases
-            for side, fn in enumerate((case.numerator, case.denominator))
+            [_Sampler(fn, sample_time, time.thread_time) for fn in (c.numerator, c.denominator)]
+            for c in cases
         ]
-        for _ in range(rounds):
-            for case, side, sampler in samplers:
-                case.times[side].append(sampler.sample())
+        for index in range(rounds):
+            # Odd rounds sample the two sides in the other order, so that neither
+            # always runs first after the previous case (cold caches).
+            order = (0, 1) if index % 2 == 0 else (1, 0)
+            for case, pair in zip(cases, samplers, strict=True):
+                for side in order:
+                    case.times[side].append(pair[side].sample())
     finally:
         torch.set_num_threads(threads)
     return cases
