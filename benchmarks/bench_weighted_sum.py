@@ -12,6 +12,13 @@ inputs of one shape with softmax weights over K learnable pre-weights:
 * "read inputs once": ``sum(x.sum() for x in inputs)``, the floor a forward that
   reads every input once can reach.
 
+Then the targets of the performance issue, each as a ratio of two callables timed
+side by side on one thread by its CPU time (interleaved rounds, medians): ``torch.compile`` (inductor)
+of the module against ``torch.compile`` of the naive mix, forward + backward with
+frozen inputs (K = 13 of (16, 128, 768)); the eager train step, naive / module (same
+shapes); and a tiny mix (K = 3 of (8, 16)) forward under ``torch.no_grad()``, module
+/ naive, where per-call overhead dominates.
+
 Timing: every (variant, measurement) pair gets a ``torch.utils.benchmark.Timer``;
 ``--rounds`` rounds each take one sample of every pair in turn (``Timer.timeit`` of
 enough calls for about ``--sample-time`` seconds), so that all variants see the same
@@ -31,6 +38,7 @@ import argparse
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -91,9 +99,11 @@ def _peak_bytes(fn: Step) -> int:
 class _Sampler:
     """Samples of one callable: ``Timer.timeit`` of a calibrated number of calls."""
 
-    def __init__(self, fn: Step, sample_time: float) -> None:
+    def __init__(
+        self, fn: Step, sample_time: float, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.timer = benchmark.Timer(
-            "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+            "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=clock
         )
         fn()  # warm-up
         once = self.timer.timeit(1).mean
@@ -241,6 +251,119 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
+@dataclass
+class Target:
+    """One target ratio: ``numerator / denominator`` of two callables, median seconds."""
+
+    label: str
+    numerator: Step
+    denominator: Step
+    target: str
+    times: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+
+    def ratio(self) -> float:
+        return statistics.median(self.times[0]) / statistics.median(self.times[1])
+
+
+def _naive_mix(pre: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    weights = torch.softmax(pre, 0)
+    return sum(weights[k] * x for k, x in enumerate(inputs))  # type: ignore[return-value]
+
+
+def _target_cases(quick: bool) -> list[Target]:
+    """The three target ratios, with their callables (compiling takes a while)."""
+    torch.manual_seed(0)
+    k, shape = (4, (2, 8, 32)) if quick else (13, (16, 128, 768))
+    inputs = [torch.randn(*shape) for _ in range(k)]
+    grad = torch.randn(*shape)
+    module = sumto.WeightedSum(k)
+    pre = torch.nn.Parameter(torch.zeros(k))
+    compiled_module = torch.compile(module)
+    compiled_naive = torch.compile(_naive_mix)
+
+    def step(forward: Callable[[], Tensor]) -> Step:
+        def run() -> None:
+            forward().backward(grad)
+            module.zero_grad(set_to_none=True)
+            pre.grad = None
+
+        return run
+
+    tiny = [torch.randn(8, 16) for _ in range(3)]
+    tiny_module = sumto.WeightedSum(3)
+    tiny_pre = torch.nn.Parameter(torch.zeros(3))
+
+    def no_grad(forward: Callable[[], Tensor]) -> Step:
+        def run() -> None:
+            with torch.no_grad():
+                forward()
+
+        return run
+
+    cases = [
+        Target(
+            f"compiled fwd+bwd, K={k} {tuple(shape)}: sumto / naive",
+            step(lambda: compiled_module(inputs)),
+            step(lambda: compiled_naive(pre, inputs)),
+            "<= 1.0x",
+        ),
+        Target(
+            f"eager train step, K={k} {tuple(shape)}: naive / sumto",
+            step(lambda: _naive_mix(pre, inputs)),
+            step(lambda: module(inputs)),
+            ">= 2x",
+        ),
+        Target(
+            "no-grad forward, K=3 (8, 16): sumto / naive",
+            no_grad(lambda: tiny_module(tiny)),
+            no_grad(lambda: _naive_mix(tiny_pre, tiny)),
+            "<= 1.2x",
+        ),
+    ]
+    return cases
+
+
+def run_targets(quick: bool, rounds: int, sample_time: float) -> list[Target]:
+    """Time every target pair on one thread, both sides sampled in every round."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = _target_cases(quick)
+        # CPU time of the one timing thread: other jobs on a shared machine barely
+        # disturb it, unlike wall-clock time.
+        samplers = [
+            [_Sampler(fn, sample_time, time.thread_time) for fn in (c.numerator, c.denominator)]
+            for c in cases
+        ]
+        for index in range(rounds):
+            # Odd rounds sample the two sides in the other order, so that neither
+            # always runs first after the previous case (cold caches).
+            order = (0, 1) if index % 2 == 0 else (1, 0)
+            for case, pair in zip(cases, samplers, strict=True):
+                for side in order:
+                    case.times[side].append(pair[side].sample())
+    finally:
+        torch.set_num_threads(threads)
+    return cases
+
+
+def format_targets(cases: list[Target]) -> str:
+    """Markdown rows: the two medians and their ratio against the target."""
+    lines = [
+        "| target (1 thread, CPU time, median of interleaved samples) | numerator ms "
+        "| denominator ms "
+        "| ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    for case in cases:
+        num, den = (statistics.median(t) for t in case.times)
+        lines.append(
+            f"| {case.label} | {num * 1e3:.4f} | {den * 1e3:.4f} | {case.ratio():.2f}x "
+            f"| {case.target} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Command-line entry point; prints the table and returns the measured rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -251,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--sample-time", type=float, default=0.05)
+    parser.add_argument(
+        "--targets-only", action="store_true", help="only the target ratios (one thread)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.num_inputs, args.shape, args.rounds, args.sample_time = 4, [2, 8, 32], 3, 0.005
@@ -262,8 +388,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{args.rounds} interleaved rounds of ~{args.sample_time}s samples"
     )
-    rows = run(args.num_inputs, args.shape, dtype, args.rounds, args.sample_time)
-    print(format_table(rows))
+    rows: list[Row] = []
+    if not args.targets_only:
+        rows = run(args.num_inputs, args.shape, dtype, args.rounds, args.sample_time)
+        print(format_table(rows))
+        print()
+    print(format_targets(run_targets(args.quick, args.rounds, args.sample_time)))
     return rows
 
 

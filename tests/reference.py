@@ -683,3 +683,40 @@ def entmax_tolerance(alpha: float, dtype: torch.dtype, spread: float, k: float =
         return k * eps * (spread + 1.0)
     beta = 1.0 / (alpha - 1.0)
     return beta * du if beta >= 1.0 else du**beta
+
+
+# ---------------------------------------------------------------------------
+# AllenNLP ScalarMix
+# ---------------------------------------------------------------------------
+
+
+def ref_scalar_mix(
+    tensors: Sequence[Tensor],
+    scalar_parameters: Tensor,
+    gamma: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    do_layer_norm: bool = False,
+) -> Tensor:
+    """AllenNLP's ``ScalarMix.forward`` in float64: ``gamma * sum_k softmax(s)_k * LN(x_k)``.
+
+    With ``do_layer_norm``, ``LN`` is ScalarMix's masked layer norm: over the
+    positions where ``mask`` (the tensors' shape without the last dim; all positions
+    when ``None``) is 1, ``mean = sum(x * m) / N`` and
+    ``var = sum(((x * m - mean) * m) ** 2) / N`` with ``N = sum(mask) * last dim``,
+    then ``(x - mean) / sqrt(var + 1e-12)`` at every position.
+    """
+    xs = [t.double() for t in tensors]
+    weights = torch.softmax(scalar_parameters.double(), dim=0)
+    gamma64 = gamma.double() if isinstance(gamma, Tensor) else torch.tensor(float(gamma))
+    if not do_layer_norm:
+        return gamma64 * sum(w * x for w, x in zip(weights, xs, strict=True))  # type: ignore[return-value]
+    m = torch.ones(xs[0].shape[:-1], dtype=torch.float64) if mask is None else mask.double()
+    broadcast_mask = m.unsqueeze(-1)
+    num_elements_not_masked = m.sum() * xs[0].shape[-1]
+    pieces = []
+    for w, x in zip(weights, xs, strict=True):
+        x_masked = x * broadcast_mask
+        mean = x_masked.sum() / num_elements_not_masked
+        variance = (((x_masked - mean) * broadcast_mask) ** 2).sum() / num_elements_not_masked
+        pieces.append(w * (x - mean) / torch.sqrt(variance + 1e-12))
+    return gamma64 * sum(pieces)  # type: ignore[return-value]

@@ -34,6 +34,7 @@ from reference import (
     ref_project_simplex,
     ref_project_sum,
     ref_relu,
+    ref_scalar_mix,
     ref_softmax,
     save_and_load,
 )
@@ -1161,3 +1162,342 @@ def test_example_bias_with_batched_inputs_fits_weights_and_bias() -> None:
 def test_example_varying_inputs_trains_one_parameter() -> None:
     result = _load_example("weighted_sum_varying_inputs").main(["--steps", "150"])
     assert result["weight_error"] < 0.05
+
+
+# ---------------------------------------------------------------------------
+# ScalarMix options: init_logits, trainable=False, layer_norm, dropout
+# ---------------------------------------------------------------------------
+
+
+def _scalar_mix_case(dtype: torch.dtype, seed: int) -> tuple[list[Tensor], Tensor, Tensor, float]:
+    """(K=4 inputs (2, 5, 8), a (2, 5) positions mask with some False, logits, gamma)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [3.0 * torch.randn(2, 5, 8, generator=gen, dtype=dtype) + k for k in range(4)]
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+    mask[0, 0] = True
+    logits = torch.randn(4, generator=gen, dtype=torch.float64)
+    return xs, mask, logits, 1.7
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("form", ["list", "stacked"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_scalar_mix_options_reproduce_allennlp_formula(
+    dtype: torch.dtype, form: str, masked: bool, layer_norm: bool
+) -> None:
+    xs, mask, logits, gamma = _scalar_mix_case(dtype, 20)
+    module = sumto.WeightedSum(init_logits=logits, scale=True, layer_norm=layer_norm).to(dtype)
+    assert module.scale is not None
+    with torch.no_grad():
+        module.scale.fill_(gamma)
+    inputs: Any = xs if form == "list" else torch.stack(xs)
+    kwargs = {"layer_norm_mask": mask} if masked and layer_norm else {}
+    out = module(inputs, **kwargs)
+    expected = ref_scalar_mix(xs, logits, gamma, mask if masked else None, do_layer_norm=layer_norm)
+    assert out.dtype == dtype
+    err = float((out.detach().double() - expected).abs().max())
+    assert err <= 1e-6, err
+
+
+def test_layer_norm_gradients_match_allennlp_formula_and_gradcheck() -> None:
+    xs, mask, logits, gamma = _scalar_mix_case(torch.float64, 21)
+    module = sumto.WeightedSum(4, scale=True, layer_norm=True, bias=True).double()
+    xs = [x.requires_grad_(True) for x in xs]
+    grad = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    with torch.no_grad():
+        pre_weights(module).copy_(logits)
+        assert module.scale is not None and module.bias is not None
+        module.scale.fill_(gamma)
+    module(xs, layer_norm_mask=mask).backward(grad)
+    got = [pre_weights(module).grad, module.scale.grad, *(x.grad for x in xs)]
+
+    s = logits.clone().requires_grad_(True)
+    g = torch.tensor(gamma, dtype=torch.float64, requires_grad=True)
+    xs_ref = [x.detach().clone().requires_grad_(True) for x in xs]
+    ref_scalar_mix(xs_ref, s, g, mask, do_layer_norm=True).backward(grad)
+    want = [s.grad, g.grad, *(x.grad for x in xs_ref)]
+    for a, b in zip(got, want, strict=True):
+        assert a is not None and b is not None
+        assert_close_at_magnitude(a, b, 100.0, torch.float64, 30)
+    assert module.bias.grad is not None
+    assert torch.allclose(module.bias.grad, grad.sum())
+
+    small = [torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    small_mask = torch.tensor([[True, False, True], [False, True, True]])
+    per_channel = sumto.WeightedSum(3, channels=3, layer_norm=True).double()
+    randomise(per_channel)
+
+    def fn(p: Tensor, *inputs: Tensor) -> Tensor:
+        params = {"parametrizations.weights.original": p}
+        return functional_call(
+            per_channel, params, (list(inputs),), {"layer_norm_mask": small_mask}
+        )
+
+    pre = pre_weights(per_channel).detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (pre, *small))
+
+
+def test_layer_norm_with_per_channel_weights_and_row_mask_matches_normalised_inputs() -> None:
+    gen = torch.Generator().manual_seed(23)
+    module = sumto.WeightedSum(3, channels=4, channel_dim=-1, bias=True).double()
+    normed = sumto.WeightedSum(3, channels=4, channel_dim=-1, bias=True, layer_norm=True).double()
+    randomise(module, gen)
+    with torch.no_grad():
+        pre_weights(normed).copy_(pre_weights(module))
+        assert normed.bias is not None and module.bias is not None
+        normed.bias.copy_(module.bias)
+    xs = [5.0 + 2.0 * torch.randn(3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    positions = torch.rand(3, 6, generator=gen) > 0.4
+    row_mask = torch.tensor([[True, False, True], [True, True, True], [False, True, False]])
+
+    def ln(x: Tensor) -> Tensor:
+        m = positions.unsqueeze(-1).double()
+        n = m.sum() * x.shape[-1]
+        mean = (x * m).sum() / n
+        return (x - mean) / torch.sqrt((((x - mean) * m) ** 2).sum() / n + 1e-12)
+
+    for kwargs in ({}, {"mask": row_mask}):
+        got = normed(xs, layer_norm_mask=positions, **kwargs)
+        want = module([ln(x) for x in xs], **kwargs)
+        assert_close_at_magnitude(got, want, 10.0, torch.float64, 8)
+
+
+def test_layer_norm_all_positions_masked_gives_bias_not_nan() -> None:
+    module = sumto.WeightedSum(3, layer_norm=True, bias=True)
+    xs = [torch.randn(2, 4, 3, requires_grad=True) for _ in range(3)]
+    out = module(xs, layer_norm_mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros(2, 4, 3))  # the bias, 0
+    out.sum().backward()
+    for x in xs:
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_layer_norm_half_inputs_are_normalised_in_float32() -> None:
+    xs, mask, logits, _ = _scalar_mix_case(torch.float32, 24)
+    module = sumto.WeightedSum(init_logits=logits, layer_norm=True)
+    out = module([x.bfloat16() for x in xs], layer_norm_mask=mask)
+    assert out.dtype == torch.bfloat16
+    expected = ref_scalar_mix([x.bfloat16() for x in xs], logits, 1.0, mask, True)
+    err = float((out.detach().double() - expected).abs().max())
+    assert err <= 2 * 2**-8 * float(expected.abs().max())
+
+
+def test_init_logits_sets_the_pre_weights_of_every_map() -> None:
+    logits = torch.tensor([0.5, -1.0, 2.0])
+    mix = sumto.WeightedSum(init_logits=logits)
+    assert mix.num_inputs == 3
+    assert torch.equal(pre_weights(mix).detach(), logits)
+    assert_close_at_magnitude(mix.weights, torch.softmax(logits.double(), 0), 1.0, torch.float32, 2)
+    for kind, method in KINDS:
+        m = make_module(kind, method, 3, init_logits=[0.5, -1.0, 2.0])
+        want = ref_weights(kind, method, logits.double())
+        assert_close_at_magnitude(m.weights, want, 1.0, torch.float32, 4)
+    per_channel = sumto.WeightedSum(channels=2, init_logits=logits)
+    assert torch.equal(pre_weights(per_channel).detach(), logits.unsqueeze(1).expand(3, 2))
+    full = torch.randn(3, 2)
+    assert torch.equal(pre_weights(sumto.WeightedSum(channels=2, init_logits=full)).detach(), full)
+
+
+def test_trainable_false_keeps_weights_fixed_in_buffers_and_state_dict() -> None:
+    logits = torch.tensor([0.3, -0.2, 1.0])
+    frozen = sumto.WeightedSum(init_logits=logits, trainable=False, scale=True)
+    names = [name for name, _ in frozen.named_parameters()]
+    assert names == ["scale"]
+    assert "parametrizations.weights.original" in dict(frozen.named_buffers())
+    assert "parametrizations.weights.original" in frozen.state_dict()
+    assert not frozen.weights.requires_grad
+    xs = [torch.randn(2, 3, requires_grad=True) for _ in range(3)]
+    frozen(xs).sum().backward()
+    assert pre_weights(frozen).grad is None and frozen.scale is not None
+    assert frozen.scale.grad is not None and all(x.grad is not None for x in xs)
+    opt = torch.optim.SGD(frozen.parameters(), lr=1.0)
+    opt.step()
+    assert torch.equal(pre_weights(frozen), logits)
+    # Masks and subsets still renormalise; dtype conversions keep the buffer.
+    doubled = frozen.double()
+    assert pre_weights(doubled).dtype == torch.float64
+    out = doubled([x.double() for x in xs], mask=torch.tensor([True, False, True]))
+    w = torch.softmax(logits.double()[[0, 2]], 0) * doubled.scale.detach()
+    expected = w[0] * xs[0].double() + w[1] * xs[2].double()
+    assert_close_at_magnitude(out, expected, 10.0, torch.float32, 8)
+    lazy = sumto.WeightedSum(trainable=False)
+    lazy([torch.ones(2)] * 4)
+    assert lazy.num_inputs == 4 and list(lazy.parameters()) == []
+    assert torch.allclose(lazy.weights, torch.full((4,), 0.25))
+
+
+def test_trainable_and_frozen_checkpoints_load_into_each_other() -> None:
+    gen = torch.Generator().manual_seed(25)
+    trained = sumto.WeightedSum(names=["a", "b", "c"], dropout=0.2)
+    randomise(trained, gen)
+    frozen = sumto.WeightedSum(names=["c", "a", "b"], trainable=False)
+    frozen.load_state_dict(save_and_load(trained.state_dict()))
+    for name in "abc":
+        assert torch.equal(
+            frozen.weights[frozen.names.index(name)],  # type: ignore[union-attr]
+            trained.weights["abc".index(name)],
+        )
+    assert list(frozen.parameters()) == []
+    back = sumto.WeightedSum(names=["c", "a", "b"])
+    back.load_state_dict(save_and_load(frozen.state_dict()))
+    assert torch.equal(back.weights, frozen.weights)
+    assert pre_weights(back).requires_grad
+
+
+def test_checkpoint_metadata_records_the_options_and_refuses_another_layer_norm() -> None:
+    source = sumto.WeightedSum(3, layer_norm=True, dropout=0.25, trainable=False)
+    state = save_and_load(source.state_dict())
+    metadata = state._metadata[""]  # type: ignore[attr-defined]
+    assert metadata["sumto_layer_norm"] is True
+    assert metadata["sumto_dropout"] == 0.25 and metadata["sumto_trainable"] is False
+    plain = sumto.WeightedSum(3, init_logits=[1.0, 2.0, 3.0])
+    before = _tensors(plain)
+    with pytest.raises(ValueError, match="layer_norm=False, got layer_norm=True"):
+        plain.load_state_dict(state)
+    assert all(torch.equal(v, _tensors(plain)[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="layer_norm=True, got layer_norm=False"):
+        sumto.WeightedSum(3, layer_norm=True).load_state_dict(plain.state_dict())
+    # Dropout and trainability do not change what the weights mean: they load across.
+    sumto.WeightedSum(3, layer_norm=True).load_state_dict(state)
+
+
+def _effective_weights(module: sumto.WeightedSum, **kwargs: Any) -> Tensor:
+    """The weights one call applies: the output for one-hot inputs e_k."""
+    k = module.num_inputs
+    assert k is not None
+    return module(list(torch.eye(k)), **kwargs).detach()
+
+
+def test_dropout_drops_inputs_at_rate_p_and_renormalises() -> None:
+    torch.manual_seed(26)
+    logits = torch.randn(10)
+    module = sumto.WeightedSum(init_logits=logits, dropout=0.3)
+    dropped = 0
+    calls = 2000
+    for _ in range(calls):
+        w = _effective_weights(module)
+        kept = w > 0
+        dropped += int((~kept).sum())
+        assert kept.any()
+        assert abs(float(w.sum()) - 1.0) < 1e-6
+        # The masked softmax of the kept pre-weights.
+        want = torch.softmax(logits.double()[kept], 0)
+        assert torch.allclose(w[kept].double(), want, atol=1e-6)
+    # 20000 Bernoulli(0.3) draws: standard deviation of the rate 0.0032.
+    assert abs(dropped / (10 * calls) - 0.3) < 0.015
+    module.eval()
+    assert torch.equal(_effective_weights(module), torch.softmax(logits, 0).detach())
+
+
+def test_dropout_keeps_one_input_when_all_are_dropped_and_respects_the_mask() -> None:
+    torch.manual_seed(27)
+    module = sumto.WeightedSum(2, dropout=0.9)
+    counts = torch.zeros(2)
+    for _ in range(400):
+        w = _effective_weights(module)
+        assert int((w > 0).sum()) >= 1 and abs(float(w.sum()) - 1.0) < 1e-6
+        counts += (w > 0).float()
+    # Mostly one input kept (0.81 of the calls drop both), either one as often.
+    assert 150 < float(counts[0]) < 250 and 150 < float(counts[1]) < 250
+    rows = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    masked = sumto.WeightedSum(4, dropout=0.7)
+    eye = torch.eye(4).reshape(4, 1, 4).expand(4, 2, 4)  # input k: e_k for both samples
+    for _ in range(200):
+        w = masked(list(eye), mask=rows).detach()  # row b: the weights of sample b
+        assert bool(((w > 0) <= rows).all()), w  # only present inputs are kept
+        assert torch.allclose(w.sum(-1), torch.ones(2))
+
+
+def test_dropout_is_identity_in_eval_and_with_p_zero() -> None:
+    gen = torch.Generator().manual_seed(28)
+    a = sumto.WeightedSum(3, dropout=0.5, bias=True)
+    randomise(a, gen)
+    b = sumto.WeightedSum(3, bias=True)
+    b.load_state_dict(a.state_dict())
+    xs = [torch.randn(4, 2, generator=gen) for _ in range(3)]
+    a.eval()
+    assert torch.equal(a(xs), b(xs))
+
+
+def test_no_grad_forward_equals_the_recorded_forward() -> None:
+    gen = torch.Generator().manual_seed(29)
+    for kwargs in ({}, {"channels": 2, "bias": True, "scale": True}, {"layer_norm": True}):
+        module = sumto.WeightedSum(3, **kwargs)
+        randomise(module, gen)
+        xs = [torch.randn(5, 2, generator=gen) for _ in range(3)]
+        recorded = module(xs)
+        assert recorded.requires_grad
+        with torch.no_grad():
+            assert torch.equal(module(xs), recorded)
+        with torch.inference_mode():
+            assert torch.equal(module(torch.stack(xs)), module(xs))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"init": [0.5, 0.5], "init_logits": [0.0, 0.0]},
+            ValueError,
+            "at most one of init .* and init_logits .*, got both",
+        ),
+        ({"init_logits": [0.0, float("inf")]}, ValueError, "finite init_logits"),
+        ({"init_logits": [[0.0, 1.0]]}, ValueError, r"init_logits of shape \(K,\)"),
+        ({"init_logits": "ab"}, TypeError, "init_logits to be a sequence"),
+        ({"num_inputs": 3, "init_logits": [0.0, 1.0]}, ValueError, r"len\(init_logits\)"),
+        ({"trainable": 0}, TypeError, "trainable to be a bool"),
+        ({"layer_norm": "yes"}, TypeError, "layer_norm to be a bool"),
+        ({"dropout": 1.0}, ValueError, r"dropout in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, ValueError, r"dropout in \[0, 1\)"),
+        ({"dropout": float("nan")}, ValueError, r"dropout in \[0, 1\)"),
+        ({"dropout": True}, TypeError, "dropout to be a float"),
+        ({"dropout": "0.1"}, TypeError, "dropout to be a float"),
+    ],
+)
+def test_scalar_mix_option_errors(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        sumto.WeightedSum(**kwargs)
+
+
+def test_layer_norm_mask_errors() -> None:
+    xs = [torch.randn(2, 3, 4) for _ in range(2)]
+    plain = sumto.WeightedSum(2)
+    with pytest.raises(ValueError, match="layer_norm_mask only with layer_norm=True"):
+        plain(xs, layer_norm_mask=torch.ones(2, 3, dtype=torch.bool))
+    normed = sumto.WeightedSum(2, layer_norm=True)
+    with pytest.raises(TypeError, match="layer_norm_mask to be a bool tensor, got dtype"):
+        normed(xs, layer_norm_mask=torch.ones(2, 3))
+    with pytest.raises(
+        ValueError, match=r"layer_norm_mask of shape \(2, 3\) .* got shape \(2, 3, 4\)"
+    ):
+        normed(xs, layer_norm_mask=torch.ones(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least 1 dim for layer_norm_mask"):
+        normed([torch.tensor(1.0)] * 2, layer_norm_mask=torch.tensor(True))
+    with pytest.raises(TypeError, match="got list"):
+        normed(xs, layer_norm_mask=[[True] * 3] * 2)  # type: ignore[arg-type]
+
+
+def test_compile_fullgraph_layer_norm_dropout_and_masks() -> None:
+    torch._dynamo.reset()
+    xs, mask, logits, _ = _scalar_mix_case(torch.float32, 30)
+    module = sumto.WeightedSum(init_logits=logits, layer_norm=True, dropout=0.3, bias=True)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    rows = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    module.eval()
+    for kwargs in ({"layer_norm_mask": mask}, {"layer_norm_mask": mask, "mask": rows}, {}):
+        assert_close_at_magnitude(
+            compiled(xs, **kwargs), module(xs, **kwargs), 10.0, torch.float32, 8
+        )
+    dropping = torch.compile(
+        sumto.WeightedSum(init_logits=logits, dropout=0.5), backend="aot_eager", fullgraph=True
+    )
+    torch.manual_seed(31)
+    kept = torch.zeros(4)
+    for _ in range(20):
+        w = dropping(list(torch.eye(4))).detach()
+        assert abs(float(w.sum()) - 1.0) < 1e-5
+        kept += (w > 0).float()
+    assert 20 <= float(kept.sum()) < 80  # some inputs dropped, at least one kept per call

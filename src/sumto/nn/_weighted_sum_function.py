@@ -56,13 +56,16 @@ def _accumulate(
     """
     x0 = xs[0]
     acc_dtype = _compute_dtype(x0.dtype)
-    coeff = coefficients.to(acc_dtype)
+    coeff = coefficients if coefficients.dtype == acc_dtype else coefficients.to(acc_dtype)
     if acc_dtype != x0.dtype and coeff.ndim == 1:
         # A 0-d float32 factor would not promote a bfloat16 product to float32.
         coeff = coeff.reshape(coeff.shape[0], *([1] * x0.ndim))
     cs = coeff.unbind(0)
     first = cs[0]
-    acc = torch.mul(x0, first) if bias is None else torch.addcmul(bias.to(acc_dtype), x0, first)
+    if bias is None:
+        acc = torch.mul(x0, first)
+    else:
+        acc = torch.addcmul(bias if bias.dtype == acc_dtype else bias.to(acc_dtype), x0, first)
     for x, c in zip(xs[1:], cs[1:], strict=True):
         acc = acc.addcmul_(x, c) if in_place else torch.addcmul(acc, x, c)
     return acc if acc.dtype == x0.dtype else acc.to(x0.dtype)
@@ -187,6 +190,10 @@ def weighted_sum(
     if _plain_ops_needed():
         xs: Sequence[Tensor] = inputs.unbind(0) if isinstance(inputs, Tensor) else inputs
         return _accumulate(coefficients, xs, bias, in_place=False)
+    if not torch.is_grad_enabled():
+        # Nothing is recorded: the fused forward without the autograd function's cost.
+        xs = inputs.unbind(0) if isinstance(inputs, Tensor) else inputs
+        return _accumulate(coefficients, xs, bias, in_place=True)
     if isinstance(inputs, Tensor):
         result: Tensor = _WeightedSumFunction.apply(coefficients, bias, True, inputs)  # type: ignore[no-untyped-call]
     else:

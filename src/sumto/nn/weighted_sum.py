@@ -10,8 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedParameter, is_lazy
-from torch.nn.utils import parametrize
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from sumto import functional as F
 from sumto._compat import is_compiling, own_parameter
@@ -29,6 +28,11 @@ _ORIGINAL = "parametrizations.weights.original"
 # they survive torch.save and torch.load(weights_only=True) and stay out of values().
 _NAMES_KEY = "sumto_names"
 _COUNT_KEY = "sumto_num_inputs"
+_LAYER_NORM_KEY = "sumto_layer_norm"
+_DROPOUT_KEY = "sumto_dropout"
+_TRAINABLE_KEY = "sumto_trainable"
+# Added to the variance of each input before the square root (AllenNLP ScalarMix's value).
+_LAYER_NORM_EPS = 1e-12
 # Serialises the lazy sizing of every WeightedSum: several threads may make a lazy
 # module's first call at once, and sizing registers a parametrization (not atomic).
 _LAZY_INIT_LOCK = threading.Lock()
@@ -54,7 +58,9 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     input once and allocates only the output (no ``torch.stack``); its backward
     allocates only the gradients it returns (plus one input-sized scratch buffer when
     the weights vary per channel or per row) and is itself differentiable (double
-    backward). Under ``torch.compile`` and ``torch.func`` transforms (``grad``,
+    backward). Without autograd recording (``torch.no_grad``, ``torch.inference_mode``)
+    the same one-pass sum runs without the function. Under ``torch.compile`` and
+    ``torch.func`` transforms (``grad``,
     ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``) and forward-mode AD the same sum runs as
     plain ops. The sum never synchronises with the device, so the module runs under
     ``torch.compile(fullgraph=True)``; the one host read is the eager-mode check of a
@@ -84,12 +90,14 @@ class WeightedSum(LazyModuleMixin, nn.Module):
     ValueError. A state_dict of a sized module loads into an unsized one. The first
     call may come from several threads at once: one sizes the module, the others wait.
 
-    Checkpoints: ``state_dict()`` records K and ``names`` in its ``_metadata`` (plain
-    strings and ints, kept by ``torch.save`` and ``torch.load(weights_only=True)``; no
-    extra state_dict entry). Loading a checkpoint whose names are in another order
-    puts its weights in this module's order; other names or another K raise
-    ValueError before any tensor of this module changes. A checkpoint without this
-    metadata loads positionally.
+    Checkpoints: ``state_dict()`` records K, ``names``, ``layer_norm``, ``dropout`` and
+    ``trainable`` in its ``_metadata`` (plain strings, numbers and bools, kept by
+    ``torch.save`` and ``torch.load(weights_only=True)``; no extra state_dict entry).
+    Loading a checkpoint whose names are in another order puts its weights in this
+    module's order; other names, another K or another ``layer_norm`` (weights learned
+    for other inputs) raise ValueError before any tensor of this module changes.
+    ``dropout`` and ``trainable`` may differ: they do not change what the weights
+    mean. A checkpoint without this metadata loads positionally.
 
     Args:
         num_inputs: K, the number of inputs; ``None`` to take it from ``names``,
@@ -105,6 +113,25 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         bias: Learn a bias added after the sum: a scalar, or one per channel.
         channels: C, to learn one weight vector per channel (shape ``(K, C)``).
         channel_dim: Dim of each input holding the C channels.
+        init_logits: K initial pre-weights (ScalarMix's ``initial_scalar_parameters``),
+            shape ``(K,)`` or ``(K, C)``, set as the parametrization's unconstrained
+            tensor: the weights are their softmax (their sparsemax, relu map or
+            affine projection for the other maps). Exclusive with ``init``.
+        trainable: ``False`` fixes the weights: their pre-weights are a buffer,
+            saved in the state_dict under the same key but not in ``parameters()``
+            (``scale`` and ``bias``, if asked for, still learn). Checkpoints of
+            trainable and fixed modules load into each other.
+        layer_norm: Normalise each input before mixing, as ScalarMix's
+            ``do_layer_norm``: ``(x_k - mean_k) / sqrt(var_k + 1e-12)`` with the
+            mean and (biased) variance of input k over all its elements, or over the
+            positions of ``layer_norm_mask`` (see :meth:`forward`). The normalisation
+            is folded into the sum (no normalised copy of the inputs); an input with
+            no position left in the mask contributes 0.
+        dropout: Layer dropout (UDify's ``ScalarMixWithDropout``): in training mode
+            each input is left out of a call with probability ``dropout`` and the
+            weights of the others are renormalised, as for ``mask``; a row whose
+            inputs are all left out keeps one of them, chosen at random. No effect
+            in eval mode. In ``[0, 1)``.
 
     Attributes:
         weights: The current constrained weights, shape ``(K,)`` or ``(K, C)``
@@ -113,13 +140,18 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         bias: The bias, shape ``()`` or ``(C,)``, or ``None``.
         num_inputs: K, or ``None`` until a lazy module's first call.
         names: The input names, or ``None``.
+        trainable: Whether the weights learn.
+        layer_norm: Whether each input is normalised before mixing.
+        dropout: The layer dropout probability.
 
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If ``num_inputs`` < 1, ``names`` are empty or repeated, K from
-            ``num_inputs``, ``names`` and ``init`` disagree, ``weights``/``method``
-            is unknown, ``channels`` < 1, or ``init`` has the wrong shape or is off
-            the set.
+            ``num_inputs``, ``names``, ``init`` and ``init_logits`` disagree,
+            ``weights``/``method`` is unknown, ``channels`` < 1, ``init`` has the
+            wrong shape or is off the set, both ``init`` and ``init_logits`` are
+            given, ``init_logits`` has the wrong shape or a non-finite entry, or
+            ``dropout`` is outside ``[0, 1)``.
 
     Example:
         >>> import torch
@@ -134,6 +166,21 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         >>> named = sumto.WeightedSum(names=["a", "b", "c"], init=[0.2, 0.3, 0.5])
         >>> named({"a": xs[0], "c": xs[2]})[0, 0]  # (0.2 * 0 + 0.5 * 2) / 0.7
         tensor(1.4286, grad_fn=<...>)
+
+        AllenNLP's ``ScalarMix(3, do_layer_norm=True, initial_scalar_parameters=s,
+        trainable=False)`` with layer dropout:
+
+        >>> mix = sumto.WeightedSum(
+        ...     init_logits=[0.0, 1.0, 2.0], trainable=False, layer_norm=True, dropout=0.2
+        ... )
+        >>> mix.weights
+        tensor([0.0900, 0.2447, 0.6652])
+        >>> list(mix.parameters())
+        []
+        >>> hidden = [torch.randn(2, 5, 8) for _ in range(3)]  # (batch, time, features)
+        >>> tokens = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+        >>> mix(hidden, layer_norm_mask=tokens).shape
+        torch.Size([2, 5, 8])
     """
 
     weights: Tensor
@@ -152,6 +199,10 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         bias: bool = False,
         channels: int | None = None,
         channel_dim: int = 1,
+        init_logits: Sequence[float] | Tensor | None = None,
+        trainable: bool = True,
+        layer_norm: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.kind: WeightKind = _check_kind(weights, method)
@@ -161,31 +212,63 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
             raise TypeError(f"expected channel_dim to be an int, got {channel_dim!r}")
         self.channel_dim = channel_dim
-        for flag_name, flag in (("scale", scale), ("bias", bias)):
+        flags = (("scale", scale), ("bias", bias), ("trainable", trainable))
+        for flag_name, flag in (*flags, ("layer_norm", layer_norm)):
             if not isinstance(flag, bool):
                 raise TypeError(f"expected {flag_name} to be a bool, got {flag!r}")
+        self.trainable = trainable
+        self.layer_norm = layer_norm
+        self.dropout = _check_dropout(dropout)
+        if init is not None and init_logits is not None:
+            raise ValueError(
+                "expected at most one of init (weights) and init_logits (pre-weights), got both"
+            )
         init_value = _check_init(init, channels)
-        self.num_inputs: int | None = _resolve_count(num_inputs, self.names, init_value)
+        logits = _check_init(init_logits, channels, "init_logits")
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"expected finite init_logits, got {init_logits!r}")
+        self.num_inputs: int | None = _resolve_count(
+            num_inputs, self.names, init_value if logits is None else logits, logits is not None
+        )
 
         _install_load_hook(self)  # before any load: hooks cannot be added during one
         self._register_state_dict_hook(_save_names_hook)  # type: ignore[no-untyped-call]
         if self.num_inputs is None:
-            self.weights = UninitializedParameter()
+            if trainable:
+                self.weights = UninitializedParameter()
+            else:
+                self.register_buffer("weights", UninitializedBuffer())
         else:
-            self._create_weights(self.num_inputs, init_value)
+            self._create_weights(self.num_inputs, init_value, logits)
         self.scale = nn.Parameter(torch.ones(())) if scale else None
         bias_shape = () if channels is None else (channels,)
         self.bias = nn.Parameter(torch.zeros(bias_shape)) if bias else None
+        # Whether a call without masks is the plain softmax mix (see forward); the
+        # weights' Simplex keeps its default temperature 1.
+        self._lean = (
+            self.kind == "simplex"
+            and method == "softmax"
+            and channels is None
+            and not (scale or bias or layer_norm)
+        )
 
     # -- sizing ---------------------------------------------------------------
-    def _create_weights(self, k: int, init: Tensor | None) -> None:
-        """Register the constrained ``(K,)`` or ``(K, C)`` weights with value ``init``."""
+    def _create_weights(self, k: int, init: Tensor | None, logits: Tensor | None = None) -> None:
+        """Register the constrained ``(K,)`` or ``(K, C)`` weights with value ``init``.
+
+        ``logits``, if given, are set as the pre-weights after registration.
+        """
         shape = (k,) if self.channels is None else (k, self.channels)
         current = own_parameter(self, "weights")
-        if isinstance(current, UninitializedParameter):
+        if current is None:
+            current = dict(self.named_buffers(recurse=False)).get("weights")
+        if isinstance(current, (UninitializedParameter, UninitializedBuffer)):
             current.materialize(shape)  # keeps the placeholder's device and dtype
-        else:
+        elif self.trainable:
             self.weights = nn.Parameter(torch.empty(shape))
+        else:
+            # A buffer: in the state_dict under the same key, never in parameters().
+            self.register_buffer("weights", torch.empty(shape))
         if init is None:
             value = torch.full(shape, 1.0 / k)
         elif init.ndim == 1 and self.channels is not None:
@@ -202,13 +285,20 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         constrain(self, "weights", constraint, init=value)
         self._temperature = constraint.temperature if isinstance(constraint, Simplex) else 1.0
         self.num_inputs = k
+        if logits is not None:
+            pre = self._pre_weights_tensor()
+            with torch.no_grad():
+                pre.copy_(logits.unsqueeze(1).expand(shape) if logits.ndim < len(shape) else logits)
 
-    def initialize_parameters(self, inputs: Inputs, mask: Tensor | None = None) -> None:
+    def initialize_parameters(
+        self, inputs: Inputs, mask: Tensor | None = None, *, layer_norm_mask: Tensor | None = None
+    ) -> None:
         """Size the weights from the first call's inputs (LazyModuleMixin hook).
 
         Args:
             inputs: The first call's inputs; K is their number.
             mask: Unused.
+            layer_norm_mask: Unused.
 
         Raises:
             TypeError: If ``inputs`` is not a list, tuple or stacked tensor.
@@ -290,7 +380,13 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         )
 
     # -- forward ----------------------------------------------------------------
-    def forward(self, inputs: Inputs, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        inputs: Inputs,
+        mask: Tensor | None = None,
+        *,
+        layer_norm_mask: Tensor | None = None,
+    ) -> Tensor:
         """Weighted sum of the inputs.
 
         Args:
@@ -302,30 +398,69 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                 row with no input present raises ValueError, which reads the mask on
                 the host (a device sync for an accelerator mask); compiled code skips
                 that check and gives such a row all-zero weights (output = bias).
+            layer_norm_mask: Optional bool tensor of the inputs' shape without the
+                last dim (e.g. ``(batch, time)`` for ``(batch, time, features)``
+                inputs), True at real positions, with ``layer_norm=True`` only: the
+                mean and variance of each input are taken over the True positions
+                (all features), as ScalarMix's ``mask``. All positions are normalised.
 
         Returns:
             Tensor of the inputs' shape and dtype.
 
         Raises:
             KeyError: If a dict key is not one of ``names``.
-            TypeError: If ``inputs`` or ``mask`` has the wrong type or dtype.
+            TypeError: If ``inputs``, ``mask`` or ``layer_norm_mask`` has the wrong type
+                or dtype.
             IndexError: If ``channel_dim`` is out of range for the inputs.
             ValueError: If the number of inputs differs from K, their shapes or
                 devices differ, the channel size is not C, ``mask`` has the wrong
-                shape, or (eager mode) a mask row has no input present.
+                shape, or (eager mode) a mask row has no input present, or
+                ``layer_norm_mask`` is given without ``layer_norm=True``, has the
+                wrong shape or another device.
         """
+        if (
+            self._lean
+            and mask is None
+            and layer_norm_mask is None
+            and isinstance(inputs, (list, tuple))
+            and len(inputs) == self.num_inputs
+            and not (self.training and self.dropout > 0.0)
+        ):
+            # The plain softmax mix of all K inputs: the same checks and sum as below,
+            # without the steps that options and masks need (tiny mixes are overhead).
+            _check_same(inputs, None)
+            pre = self._pre_weights()
+            if pre is not None:
+                w = torch.softmax(pre, 0)
+                acc = F._compute_dtype(inputs[0].dtype)
+                return weighted_sum(w if w.dtype == acc else w.to(acc), inputs)
         tensors, present = self._parse_inputs(inputs)
-        first = tensors[0]
-        shape = tuple(first.shape)
+        if isinstance(tensors, Tensor):
+            shape, device = tuple(tensors.shape[1:]), tensors.device
+            dtype = tensors.dtype
+        else:
+            first = tensors[0]
+            shape, device, dtype = tuple(first.shape), first.device, first.dtype
         channel_dim = self._channel_dim(shape)
-        row_mask = None if mask is None else self._check_mask(mask, shape, first.device, present)
-        coefficients = self._coefficients(present, row_mask, first.dtype)
+        row_mask = None if mask is None else self._check_mask(mask, shape, device, present)
+        if self.dropout > 0.0 and self.training:
+            count = self.num_inputs if present is None else len(present)
+            row_mask = _drop_inputs(count, row_mask, self.dropout, device)  # type: ignore[arg-type]
+        coefficients = self._coefficients(present, row_mask, dtype)
         coefficients = self._broadcast_coefficients(coefficients, row_mask, shape, channel_dim)
         bias = self.bias
         if bias is not None and bias.ndim == 1:
             view = [1] * len(shape)
             view[channel_dim] = bias.shape[0]
             bias = bias.reshape(view)
+        if self.layer_norm:
+            ln_mask = self._check_layer_norm_mask(layer_norm_mask, shape, device)
+            coefficients, bias = _fold_layer_norm(coefficients, bias, tensors, ln_mask)
+        elif layer_norm_mask is not None:
+            raise ValueError(
+                "expected layer_norm_mask only with layer_norm=True, got a mask for a "
+                "WeightedSum with layer_norm=False"
+            )
         return weighted_sum(coefficients, tensors, bias)
 
     def _parse_inputs(self, inputs: Inputs) -> tuple[Sequence[Tensor] | Tensor, list[int] | None]:
@@ -334,7 +469,13 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         if k is None:  # only reachable when forward is called without the lazy hook
             raise ValueError("expected a sized WeightedSum, got one whose K is not set yet")
         present: list[int] | None = None
-        if isinstance(inputs, Mapping) and self.names is not None:
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != k:
+                raise ValueError(
+                    f"expected {k} inputs, got {len(inputs)}; {_leave_out_hint(k, self.names)}"
+                )
+            tensors: Sequence[Tensor] = inputs
+        elif isinstance(inputs, Mapping) and self.names is not None:
             unknown = [key for key in inputs if key not in self.names]
             if unknown:
                 raise KeyError(f"expected input names among {list(self.names)}, got {unknown!r}")
@@ -343,15 +484,9 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                     f"expected at least one of the inputs {list(self.names)}, got {{}}"
                 )
             present = [i for i, name in enumerate(self.names) if name in inputs]
-            tensors: Sequence[Tensor] = [inputs[self.names[i]] for i in present]
+            tensors = [inputs[self.names[i]] for i in present]
             if len(present) == k:
                 present = None
-        elif isinstance(inputs, (list, tuple)):
-            if len(inputs) != k:
-                raise ValueError(
-                    f"expected {k} inputs, got {len(inputs)}; {_leave_out_hint(k, self.names)}"
-                )
-            tensors = inputs
         elif isinstance(inputs, Tensor):
             if inputs.ndim == 0 or inputs.shape[0] != k:
                 raise ValueError(
@@ -423,25 +558,69 @@ class WeightedSum(LazyModuleMixin, nn.Module):
                 )
         return mask
 
+    def _check_layer_norm_mask(
+        self, mask: Tensor | None, shape: tuple[int, ...], device: torch.device
+    ) -> Tensor | None:
+        """Validate ``layer_norm_mask``: a bool tensor of the inputs' shape without the last dim."""
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"expected layer_norm_mask to be a bool tensor, got {got}")
+        if len(shape) == 0:
+            raise ValueError(
+                "expected inputs with at least 1 dim for layer_norm_mask, got 0-d inputs"
+            )
+        if tuple(mask.shape) != shape[:-1]:
+            raise ValueError(
+                f"expected layer_norm_mask of shape {shape[:-1]} (the inputs' shape {shape} "
+                f"without the last dim), got shape {tuple(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(
+                f"expected layer_norm_mask on the inputs' device {device}, got {mask.device}"
+            )
+        return mask
+
     # -- weights --------------------------------------------------------------
     def _coefficients(
         self, present: list[int] | None, mask: Tensor | None, input_dtype: torch.dtype
     ) -> Tensor:
         """Weights times scale, shape (K',), (K', C), (K', B) or (K', B, C)."""
-        renormalise = present is not None or mask is not None
-        w = self._renormalised(present, mask) if renormalise else self.weights
+        if present is not None or mask is not None:
+            w = self._renormalised(present, mask)
+        elif self.kind == "simplex" and self.method == "softmax":
+            pre = self._pre_weights()
+            # The softmax straight from the pre-weights: the map the parametrization
+            # computes, without its per-call checks (the weights of tiny mixes).
+            if pre is None:
+                w = self.weights
+            elif self._temperature == 1.0:
+                w = torch.softmax(pre, 0)
+            else:
+                w = torch.softmax(pre / self._temperature, 0)
+        else:
+            w = self.weights
         acc = F._compute_dtype(input_dtype)
-        w = w.to(acc)
-        if self.scale is not None:
-            w = w * self.scale.to(acc)
+        if w.dtype != acc:
+            w = w.to(acc)
+        scale = self.scale
+        if scale is not None:
+            w = w * (scale if scale.dtype == acc else scale.to(acc))
         return w
 
     def _pre_weights(self) -> Tensor | None:
         """The softmax/sparsemax pre-weights, or None (relu, affine, or baked weights)."""
         if self.kind != "simplex" or self.method == "relu":
             return None
-        if not parametrize.is_parametrized(self, "weights"):  # after sumto.bake
+        plists: Any = getattr(self, "parametrizations", None)
+        if plists is None or "weights" not in plists:  # after sumto.bake
             return None
+        original: Tensor = plists["weights"].original
+        return original
+
+    def _pre_weights_tensor(self) -> Tensor:
+        """The parametrization's unconstrained tensor (a parameter, or a buffer if frozen)."""
         plists: Any = self.parametrizations
         original: Tensor = plists.weights.original
         return original
@@ -502,6 +681,12 @@ class WeightedSum(LazyModuleMixin, nn.Module):
             parts.append("scale=True")
         if self.bias is not None:
             parts.append("bias=True")
+        if not self.trainable:
+            parts.append("trainable=False")
+        if self.layer_norm:
+            parts.append("layer_norm=True")
+        if self.dropout > 0.0:
+            parts.append(f"dropout={self.dropout:g}")
         return ", ".join(parts)
 
 
@@ -555,6 +740,75 @@ def _shift_affine(w: Tensor, mask: Tensor | None) -> Tensor:
     return torch.where(mask, shifted, 0.0)
 
 
+def _drop_inputs(count: int, mask: Tensor | None, p: float, device: torch.device) -> Tensor:
+    """Layer dropout: ``mask`` (or all present) with each input dropped with probability ``p``.
+
+    One uniform draw per input for the whole call. A row left with no input keeps the
+    present input whose draw came closest to being kept (uniformly random among them),
+    so no row loses all of its inputs; no value is read on the host.
+    """
+    u = torch.rand(count, device=device)
+    keep = u >= p
+    if mask is None:
+        return torch.where(keep.any(), keep, u == u.amax())
+    u_present = torch.where(mask, u, -1.0)
+    best = (u_present == u_present.amax(-1, keepdim=True)) & mask
+    kept = keep & mask
+    return torch.where(kept.any(-1, keepdim=True), kept, best)
+
+
+def _moments(x: Tensor, dims: tuple[int, ...], mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and ``1 / sqrt(var + eps)`` of ``x`` over ``dims`` and the True positions of ``mask``.
+
+    ``mask`` broadcasts against ``x``; the count is the number of True positions
+    times the size of the last dim (ScalarMix's ``num_elements_not_masked``). With no
+    position left the inverse deviation is 0: that input then contributes nothing.
+    """
+    if mask is None:
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        return mean, torch.rsqrt(var + _LAYER_NORM_EPS)
+    count = mask.sum(dtype=x.dtype) * x.shape[-1]
+    safe = count.clamp_min(1.0)
+    mean = torch.where(mask, x, 0.0).sum(dims, keepdim=True) / safe
+    var = torch.where(mask, x - mean, 0.0).square().sum(dims) / safe
+    inv_std = torch.where(count > 0, torch.rsqrt(var + _LAYER_NORM_EPS), 0.0)
+    return mean.reshape(var.shape), inv_std
+
+
+def _layer_norm_stats(
+    tensors: Sequence[Tensor] | Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Mean and inverse deviation of every input, shape (K',), in the compute dtype."""
+    acc = F._compute_dtype(tensors[0].dtype if not isinstance(tensors, Tensor) else tensors.dtype)
+    if isinstance(tensors, Tensor) and tensors.ndim >= 2:
+        x = tensors if tensors.dtype == acc else tensors.to(acc)
+        dims = tuple(range(1, x.ndim))
+        m = None if mask is None else mask.unsqueeze(-1).unsqueeze(0)
+        return _moments(x, dims, m)
+    xs = tensors.unbind(0) if isinstance(tensors, Tensor) else tensors
+    m = None if mask is None else mask.unsqueeze(-1)
+    parts = [_moments(x if x.dtype == acc else x.to(acc), tuple(range(x.ndim)), m) for x in xs]
+    return torch.stack([mean for mean, _ in parts]), torch.stack([inv for _, inv in parts])
+
+
+def _fold_layer_norm(
+    coefficients: Tensor,
+    bias: Tensor | None,
+    tensors: Sequence[Tensor] | Tensor,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Fold the normalisation of every input into the mix's coefficients and bias.
+
+    ``sum_k c_k (x_k - m_k) / s_k = sum_k (c_k / s_k) x_k - sum_k c_k m_k / s_k``: the
+    normalised inputs are never materialised, and the one-pass sum still applies.
+    """
+    mean, inv_std = _layer_norm_stats(tensors, mask)
+    view = (coefficients.shape[0],) + (1,) * (coefficients.ndim - 1)
+    scaled = coefficients * inv_std.reshape(view)
+    shift = (scaled * mean.reshape(view)).sum(0)
+    return scaled, -shift if bias is None else bias - shift
+
+
 # ---------------------------------------------------------------------------
 # construction-time validation
 # ---------------------------------------------------------------------------
@@ -600,7 +854,9 @@ def _check_channels(channels: int | None) -> int | None:
     return channels
 
 
-def _check_init(init: Sequence[float] | Tensor | None, channels: int | None) -> Tensor | None:
+def _check_init(
+    init: Sequence[float] | Tensor | None, channels: int | None, name: str = "init"
+) -> Tensor | None:
     if init is None:
         return None
     if isinstance(init, Tensor):
@@ -609,9 +865,9 @@ def _check_init(init: Sequence[float] | Tensor | None, channels: int | None) -> 
         try:
             value = torch.tensor(init, dtype=torch.float64)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"expected init to be a sequence of floats, got {init!r}") from error
+            raise TypeError(f"expected {name} to be a sequence of floats, got {init!r}") from error
     else:
-        raise TypeError(f"expected init to be a sequence of floats or a tensor, got {init!r}")
+        raise TypeError(f"expected {name} to be a sequence of floats or a tensor, got {init!r}")
     if not value.dtype.is_floating_point:
         value = value.to(torch.float64)
     expected = "(K,)" if channels is None else f"(K,) or (K, {channels})"
@@ -619,12 +875,20 @@ def _check_init(init: Sequence[float] | Tensor | None, channels: int | None) -> 
         channels is not None and value.ndim == 2 and value.shape[1] == channels
     )
     if not ok or value.shape[0] == 0:
-        raise ValueError(f"expected init of shape {expected}, got shape {tuple(value.shape)}")
+        raise ValueError(f"expected {name} of shape {expected}, got shape {tuple(value.shape)}")
     return value
 
 
+def _check_dropout(dropout: float) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"expected dropout to be a float, got {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"expected dropout in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
 def _resolve_count(
-    num_inputs: int | None, names: tuple[str, ...] | None, init: Tensor | None
+    num_inputs: int | None, names: tuple[str, ...] | None, init: Tensor | None, logits: bool
 ) -> int | None:
     if num_inputs is not None:
         if isinstance(num_inputs, bool) or not isinstance(num_inputs, int):
@@ -634,7 +898,7 @@ def _resolve_count(
     counts = {
         "num_inputs": num_inputs,
         "len(names)": None if names is None else len(names),
-        "len(init)": None if init is None else int(init.shape[0]),
+        ("len(init_logits)" if logits else "len(init)"): None if init is None else init.shape[0],
     }
     given = {key: value for key, value in counts.items() if value is not None}
     if len(set(given.values())) > 1:
@@ -659,6 +923,20 @@ def _inputs_type_message(inputs: object, names: tuple[str, ...] | None) -> str:
 
 def _check_same(tensors: Sequence[Tensor], present: list[int] | None) -> None:
     """Every input a floating tensor with the first one's shape, dtype and device."""
+    first = tensors[0]
+    if isinstance(first, Tensor) and first.dtype.is_floating_point:
+        shape, dtype, device = first.shape, first.dtype, first.device
+        for t in tensors:
+            if not (
+                isinstance(t, Tensor)
+                and t.shape == shape
+                and t.dtype == dtype
+                and t.device == device
+            ):
+                break
+        else:
+            return
+    # Some input differs: find and name it.
     labels = [str(i) for i in (present or range(len(tensors)))]
     for label, t in zip(labels, tensors, strict=True):
         F._check_float_tensor(t, f"input {label}")
@@ -692,6 +970,9 @@ def _save_names_hook(
         local_metadata[_COUNT_KEY] = module.num_inputs
     if module.names is not None:
         local_metadata[_NAMES_KEY] = list(module.names)
+    local_metadata[_LAYER_NORM_KEY] = module.layer_norm
+    local_metadata[_DROPOUT_KEY] = module.dropout
+    local_metadata[_TRAINABLE_KEY] = module.trainable
 
 
 def _align_checkpoint(
@@ -705,6 +986,14 @@ def _align_checkpoint(
     """
     saved_names = metadata.get(_NAMES_KEY)
     saved_k = metadata.get(_COUNT_KEY)
+    where = f"WeightedSum {prefix[:-1]!r}" if prefix else "WeightedSum"
+    saved_norm = metadata.get(_LAYER_NORM_KEY)
+    if saved_norm is not None and saved_norm is not module.layer_norm:
+        # The weights were learned for (un)normalised inputs: another function.
+        raise ValueError(
+            f"expected a checkpoint of {where} with layer_norm={module.layer_norm}, "
+            f"got layer_norm={saved_norm!r}"
+        )
     if saved_names is None and saved_k is None:
         return
     if saved_names is not None and not (
@@ -715,7 +1004,6 @@ def _align_checkpoint(
         raise ValueError(f"expected the checkpoint's number of inputs as an int, got {saved_k!r}")
     own = None if module.names is None else list(module.names)
     theirs = None if saved_names is None else list(saved_names)
-    where = f"WeightedSum {prefix[:-1]!r}" if prefix else "WeightedSum"
     if own is not None and theirs is not None:
         if sorted(own) != sorted(theirs):
             raise ValueError(
