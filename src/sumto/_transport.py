@@ -81,7 +81,7 @@ Marginal = float | int | Tensor
 
 # Default Sinkhorn iterations: enough for logits of unit spread (each iteration
 # contracts the row residual by a factor that worsens as exp(range of x) grows).
-SINKHORN_ITERS = 100
+SINKHORN_ITERS = 50
 
 # Search rounds (one sweep + one Newton step) on eager CPU at most, and on the fixed
 # schedule; exact finishes at the end of the fixed schedule.
@@ -190,6 +190,21 @@ def check_marginals(
         return
     if math.prod(shape) == 0:
         return
+    eps = max(
+        [torch.finfo(_checks.compute_dtype(dtype)).eps]
+        + [torch.finfo(v.dtype).eps for v in readable if v.dtype.is_floating_point]
+    )
+    if not isinstance(row_sums, Tensor) and not isinstance(col_sums, Tensor):
+        # Plain Python: no tensor op, so no graph break under compile.
+        tr, tc = float(row_sums) * m, float(col_sums) * n
+        if not abs(tr - tc) <= 4.0 * (m + n) * eps * max(abs(tr), abs(tc)):
+            raise ValueError(
+                f"expected row and column sums with equal totals (a plan moves the same mass "
+                f"out of the rows as into the columns), got sum(row_sums) = {tr:g} and "
+                f"sum(col_sums) = {tc:g} for {m}x{n} matrices (e.g. col_sums={tr / n:g} "
+                f"for row_sums={float(row_sums):g})"
+            )
+        return
     wide = torch.float64
 
     def totals(value: Marginal, size: int) -> Tensor:
@@ -199,10 +214,6 @@ def check_marginals(
         return torch.full(batch, float(value) * size, dtype=wide)
 
     total_r, total_c = totals(row_sums, m), totals(col_sums, n)
-    eps = max(
-        [torch.finfo(_checks.compute_dtype(dtype)).eps]
-        + [torch.finfo(v.dtype).eps for v in readable if v.dtype.is_floating_point]
-    )
     tol = 4.0 * (m + n) * eps * torch.maximum(total_r.abs(), total_c.abs())
     gap = (total_r - total_c).abs()
     if not bool((gap <= tol).all()):
@@ -212,11 +223,6 @@ def check_marginals(
             f"expected row and column sums with equal totals (a plan moves the same mass "
             f"out of the rows as into the columns), got sum(row_sums) = {tr:g} and "
             f"sum(col_sums) = {tc:g} for {m}x{n} matrices"
-            + (
-                f" (e.g. col_sums={tr / n:g} for row_sums={row_sums:g})"
-                if not isinstance(row_sums, Tensor) and not isinstance(col_sums, Tensor)
-                else ""
-            )
         )
 
 
@@ -341,11 +347,11 @@ def _solve(k: Tensor, chol: Tensor, v: Tensor, refine: int) -> Tensor:
     return d.squeeze(-1)
 
 
-def _newton(x: Tensor, z: Tensor, rc: Tensor, m: int) -> Tensor:
+def _newton(x: Tensor, z: Tensor, rc: Tensor, m: int, allowed: Tensor) -> Tensor:
     """One damped semismooth Newton step on the dual, with a batched backtracking search."""
     y = _shifted(x, z, m)
     _, grad = _residual(y, rc[..., :m], rc[..., m:])
-    k, chol = _factor(y > 0)
+    k, chol = _factor((y > 0) & allowed)
     d = _solve(k, chol, grad, 0)
     steps = 0.5 ** torch.arange(_STEPS, dtype=x.dtype, device=x.device)
     steps = steps.view(-1, *([1] * z.ndim))
@@ -359,10 +365,13 @@ def _newton(x: Tensor, z: Tensor, rc: Tensor, m: int) -> Tensor:
     return torch.where(better.unsqueeze(-1), chosen, z)
 
 
-def _finish(x: Tensor, z: Tensor, rc: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+def _finish(
+    x: Tensor, z: Tensor, rc: Tensor, m: int, allowed: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """The exact step on the support of ``z`` and its check: ``(z*, support, kkt_ok)``."""
     y = _shifted(x, z, m)
-    support = y > 0
+    # A zero-sum row's threshold is its max: rounding can leave that entry a hair above 0.
+    support = (y > 0) & allowed
     _, grad = _residual(y, rc[..., :m], rc[..., m:])
     k, chol = _factor(support)
     exact = z + _solve(k, chol, grad, _REFINE)
@@ -384,8 +393,11 @@ def _keep(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(ok.view(*ok.shape, *([1] * (new.ndim - ok.ndim))), new, old)
 
 
-def _forbidden_free(x: Tensor, total: Tensor) -> Tensor:
-    """``x`` with ``-inf`` entries replaced by a finite value low enough to get no mass.
+def _forbidden_free(x: Tensor, total: Tensor, allowed: Tensor) -> Tensor:
+    """``x`` with entries not ``allowed`` replaced by a finite value low enough to get no mass.
+
+    Not allowed: ``-inf`` entries (forbidden pairs) and the entries of zero-sum rows
+    and columns.
 
     Any dual solution on the finite entries has ``a_i + b_j`` within
     ``(m + n) * (range(x) + total)`` of the finite entries (a support path has at most
@@ -397,10 +409,10 @@ def _forbidden_free(x: Tensor, total: Tensor) -> Tensor:
     low = torch.where(torch.isfinite(low), low, 0.0)
     high = torch.where(torch.isfinite(high), high, 0.0)
     span = (x.shape[-2] + x.shape[-1] + 1) * (high - low + total.view(*total.shape, 1, 1)) + 1.0
-    return torch.where(x == -torch.inf, low - span, x)
+    return torch.where(allowed, x, low - span)
 
 
-def _search(x: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _search(x: Tensor, r: Tensor, c: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Detached search: ``(z, support, ok)`` of the accepted exact step per matrix.
 
     Where ``ok`` is False, ``z`` is the best dual found and ``support`` its support
@@ -422,23 +434,24 @@ def _search(x: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     if eager(x):
         for _ in range(_EAGER_ITERS):
-            z = _newton(x, z, rc, m)
-            accept(*_finish(x, z, rc, m))
+            z = _newton(x, z, rc, m, allowed)
+            accept(*_finish(x, z, rc, m, allowed))
             if bool(ok.all()):
                 return found_z, found_support, ok
             a, b = _sweep(x, r, c, z[..., m:])
             z = torch.cat([a, b], -1)
     else:
         for _ in range(_FIXED_ITERS):
-            z = _newton(x, z, rc, m)
+            z = _newton(x, z, rc, m, allowed)
             a, b = _sweep(x, r, c, z[..., m:])
             z = torch.cat([a, b], -1)
-        z = _newton(x, z, rc, m)
+        z = _newton(x, z, rc, m, allowed)
         for _ in range(_FINISH_ROUNDS):
-            exact, support, passed = _finish(x, z, rc, m)
+            exact, support, passed = _finish(x, z, rc, m, allowed)
             accept(exact, support, passed)
             z = torch.where(torch.isfinite(exact).all(-1, keepdim=True), exact, z)
-    return _keep(ok, found_z, z), _keep(ok, found_support, _shifted(x, z, m) > 0), ok
+    fallback_support = (_shifted(x, z, m) > 0) & allowed
+    return _keep(ok, found_z, z), _keep(ok, found_support, fallback_support), ok
 
 
 # ---------------------------------------------------------------------------
@@ -457,11 +470,13 @@ def project(x: Tensor, r: Tensor, c: Tensor) -> Tensor:
     xw, rw, cw = x.to(wide), r.to(wide), c.to(wide)
     m = x.shape[-2]
     total = rw.detach().sum(-1)
-    xs = _forbidden_free(xw.detach(), total)
-    z, support, ok = _search(xs, rw.detach(), cw.detach())
+    allowed = (xw.detach() > -torch.inf) & (rw.detach() > 0).unsqueeze(-1)
+    allowed = allowed & (cw.detach() > 0).unsqueeze(-2)
+    xs = _forbidden_free(xw.detach(), total, allowed)
+    z, support, ok = _search(xs, rw.detach(), cw.detach(), allowed)
     pinv = torch.linalg.pinv(_laplacian_of(support.to(wide)), hermitian=True)
     # Note [Transport projection: gradients]: the exact step again, differentiably.
-    xg = torch.where(torch.isfinite(xw), xw, xs)
+    xg = torch.where(allowed, xw, xs)
     y = _shifted(xg, z, m)
     inside = torch.where(support, y, 0.0)
     grad = torch.cat([inside.sum(-1) - rw, inside.sum(-2) - cw], -1)
@@ -472,7 +487,9 @@ def project(x: Tensor, r: Tensor, c: Tensor) -> Tensor:
     da, db = _split((pinv @ residual.unsqueeze(-1)).squeeze(-1), m)
     p = torch.where(support, p - da.unsqueeze(-1) - db.unsqueeze(-2), 0.0)
     p = p.clamp_min(0.0)
-    fallback = round_to_transport(_shifted(xg, z, m).clamp_min(0.0), rw, cw)
+    fallback = round_to_transport(
+        torch.where(allowed, _shifted(xg, z, m), 0.0).clamp_min(0.0), rw, cw
+    )
     return _keep(ok, p, fallback).to(x.dtype)
 
 
@@ -481,39 +498,35 @@ def project(x: Tensor, r: Tensor, c: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _safe_logsumexp(z: Tensor, dim: int) -> Tensor:
-    """``logsumexp`` that is ``-inf`` for an all ``-inf`` slice with a zero (not NaN) gradient."""
-    top = z.detach().amax(dim, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    s = (z - top).exp().sum(dim, keepdim=True)
-    positive = s > 0
-    out = top + torch.where(positive, s, 1.0).log()
-    return torch.where(positive, out, -torch.inf).squeeze(dim)
-
-
-def _potential(log_target: Tensor, lse: Tensor) -> Tensor:
-    """``log_target - lse``, and ``-inf`` where the slice has no finite entry (no NaN)."""
-    return torch.where(
-        lse == -torch.inf, -torch.inf, log_target - torch.where(lse == -torch.inf, 0.0, lse)
-    )
-
-
-def sinkhorn(x: Tensor, log_r: Tensor, log_c: Tensor, iters: int, tol: float | None) -> Tensor:
-    """Log-domain Sinkhorn scaling of ``exp(x)`` to marginals ``(exp(log_r), exp(log_c))``.
+def sinkhorn(x: Tensor, r: Tensor, c: Tensor, iters: int, tol: float | None) -> Tensor:
+    """Log-domain Sinkhorn scaling of ``exp(x)`` to row sums ``r`` and column sums ``c``.
 
     ``f = log r - logsumexp(x + g)`` over columns, then ``g = log c - logsumexp(x + f)``
     over rows, ``iters`` times (a column update last, so column sums are exact to
     rounding); with ``tol``, it stops once the row sums are within ``tol`` (a host
     sync per iteration).
+
+    Entries that can carry no mass (``-inf``, or in a row or column whose sum is 0)
+    are set to ``-inf`` once, before the loop; a row or column left without any
+    such entry is "dead": its input is replaced by zeros and its target by 1, so every
+    logsumexp has a finite argument and a finite gradient (an all ``-inf`` logsumexp
+    has a NaN gradient), while its entries of the result stay exactly 0.
     """
-    f = torch.zeros_like(log_r)
-    g = torch.zeros_like(log_c)
-    r = log_r.exp()
+    alive = (x > -torch.inf) & (r > 0).unsqueeze(-1) & (c > 0).unsqueeze(-2)
+    live_rows = alive.any(-1, keepdim=True)
+    live_cols = alive.any(-2, keepdim=True)
+    masked = torch.where(alive, x, -torch.inf)
+    for_rows = torch.where(live_rows, masked, 0.0)
+    for_cols = torch.where(live_cols, masked, 0.0)
+    log_r = torch.where(live_rows.squeeze(-1), r, 1.0).log()
+    log_c = torch.where(live_cols.squeeze(-2), c, 1.0).log()
+    f = torch.zeros_like(r)
+    g = torch.zeros_like(c)
     for _ in range(iters):
-        f = _potential(log_r, _safe_logsumexp(x + g.unsqueeze(-2), -1))
-        g = _potential(log_c, _safe_logsumexp(x + f.unsqueeze(-1), -2))
+        f = log_r - torch.logsumexp(for_rows + g.unsqueeze(-2), -1)
+        g = log_c - torch.logsumexp(for_cols + f.unsqueeze(-1), -2)
         if tol is not None:
-            rows = (x + f.unsqueeze(-1) + g.unsqueeze(-2)).exp().sum(-1)
+            rows = (masked + f.unsqueeze(-1) + g.unsqueeze(-2)).exp().sum(-1)
             if not bool(((rows - r).abs() > tol).any()):
                 break
-    return (x + f.unsqueeze(-1) + g.unsqueeze(-2)).exp()
+    return (masked + f.unsqueeze(-1) + g.unsqueeze(-2)).exp()

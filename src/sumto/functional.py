@@ -543,4 +543,4 @@ def sinkhorn(
             raise ValueError(f"expected tol > 0 (or None), got {tol}")
     xc = x.to(_compute_dtype(x.dtype))
     r, c = _transport.marginals(row_sums, col_sums, xc)
-    return _transport.sinkhorn(xc, r.log(), c.log(), iters, tol).to(x.dtype)
+    return _transport.sinkhorn(xc, r, c, iters, tol).to(x.dtype)
