@@ -184,6 +184,19 @@ def test_project_fixed_schedule_matches_eager(monkeypatch: pytest.MonkeyPatch) -
         assert torch.allclose(got, want, rtol=0, atol=1e-13)
 
 
+def test_project_fallback_is_feasible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix that never passes the optimality check still gets a plan on the set."""
+    monkeypatch.setattr(_transport, "eager", lambda x: False)
+    monkeypatch.setattr(_transport, "_FIXED_ITERS", 0)
+    monkeypatch.setattr(_transport, "_FINISH_ROUNDS", 0)
+    torch.manual_seed(21)
+    x = (5 * torch.randn(3, 6, 6, dtype=torch.float64)).requires_grad_()
+    p = project_transport(x)
+    assert_transport(p.detach(), 1.0, 1.0)
+    p.square().sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
 def test_round_to_transport_is_feasible_and_close() -> None:
     torch.manual_seed(7)
     p = torch.rand(3, 5, 4, dtype=torch.float64)
