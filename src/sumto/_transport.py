@@ -21,34 +21,42 @@ copies, alternates
   Laplacian of the bipartite graph ``S``); the direction solves
   ``(K_S + mu I) d = grad`` (``mu`` keeps it defined where ``K_S`` is singular: one
   null vector per connected component of ``S``) and the step is the best of
-  ``t = 1, 1/2, ..., 2^-7`` and 0 by the dual's value, batched, so the dual never
-  decreases.
+  ``t = 1, 1/2, ..., 2^-39`` and 0 by the dual's value, batched, so the dual never
+  decreases. A component whose rows need another mass than its columns makes the
+  direction large along its null vector (the dual is linear that way until a new
+  entry joins the support), hence the long range of steps.
 
-The finish is exact: on the support ``S`` of the current dual, the Newton step with
-the pseudo-inverse ``z* = z + K_S^+ grad`` solves the reduced linear system exactly
-(``K_S^+ K_S`` is the projector off the null space, so each component's free shift
-keeps the iterate's value and isolated rows and columns, which carry no mass, keep
-their thresholds). ``(a*, b*)`` is accepted when it satisfies the KKT conditions to
-rounding: ``X - a* - b* >= -tol`` on ``S`` and ``<= tol`` off ``S``. Then
-``P = X - a* - b*`` on ``S`` and 0 elsewhere. A failed check updates the support
-from ``(a*, b*)`` (a primal-dual active set step) or continues the search.
+The finish is exact: on the support ``S`` of the current dual, the full Newton step
+``z* = z + K_S^+ grad`` solves the reduced linear system (a regularised solve refined
+to convergence; ``K_S^+ K_S`` is the projector off the null space, so each
+component's free shift keeps the iterate's value, and isolated rows and columns,
+which carry no mass, keep their thresholds). ``(a*, b*)`` is accepted when it
+satisfies the KKT conditions to rounding: ``X - a* - b* >= -tol`` on ``S``,
+``<= tol`` off ``S``, and the marginals of ``P = X - a* - b*`` on ``S`` within ``tol``
+of ``(r, c)`` (the reduced system is consistent). Entries that may carry no mass
+(``-inf``, or in a zero-sum row or column) never join ``S``.
 
 Note [Transport projection: gradients]
 The projection is piecewise linear. The accepted ``P`` is computed with autograd as
 ``where(S, X - a - b, 0)`` with ``(a, b) = z + K_S^+ (grad(X, r, c))`` and ``z``,
-``K_S^+`` detached: its derivative is ``dP = dX_S - (da + db)`` with
+``K_S^+`` (a pseudo-inverse, ``eigh``) detached: its derivative is ``dP = dX_S - (da + db)`` with
 ``K_S (da, db) = (row sums of dX_S - dr, column sums of dX_S - dc)``, which is the
 orthogonal projection of ``dX`` onto the tangent space
 ``{D supported on S: D 1 = 0, D^T 1 = 0}``, the Jacobian of the projection away
 from kinks. Plain autograd ops give backward, double backward, forward mode and
-``torch.func`` transforms; the search is not differentiated.
+``torch.func`` transforms; the search is not differentiated. One refinement from
+the output itself, ``P <- P - K_S^+``-correction of its own marginal residual, makes
+the sums exact at the scale of ``P`` rather than of ``X``; it moves ``P`` by a
+rounding-sized amount and leaves the Jacobian as it is (``P`` is already on the
+affine set).
 
 Note [Transport projection: termination]
 On eager CPU (where reading a tensor costs nothing) the search stops as soon as
 every matrix of the batch passes the KKT check, after at most ``_EAGER_ITERS``
 rounds. Elsewhere (other devices, ``torch.compile``, ``torch.func``, tracing) a fixed
 schedule runs without host synchronisation: ``_FIXED_ITERS`` search rounds, then
-``_FINISH_ROUNDS`` exact finishes. A matrix that never passes the check (not seen in
+``_FINISH_ROUNDS`` exact finishes, each failed one a primal-dual active set step
+(the next support read from ``(a*, b*)``). A matrix that never passes the check (not seen in
 the tests) gets the best dual's ``max(X - a - b, 0)`` rounded onto the set
 (:func:`round_to_transport`): feasible to rounding, not exactly the projection.
 """
@@ -88,8 +96,8 @@ SINKHORN_ITERS = 50
 _EAGER_ITERS = 200
 _FIXED_ITERS = 32
 _FINISH_ROUNDS = 3
-# Step sizes of the Newton line search: 1, 1/2, ..., 2^-(_STEPS - 1): a direction along an unbalanced
-# component's null vector is of size 1 / mu.
+# Step sizes of the Newton line search: 1, 1/2, ..., 2^-(_STEPS - 1); a direction
+# along an unbalanced component's null vector is of size 1 / mu.
 _STEPS = 40
 # Regularisation mu of the Newton systems (K_S has integer entries, its nonzero
 # eigenvalues are at least about 1 / (m + n)^2).
