@@ -195,13 +195,9 @@ class Transport(Constraint):
     def _inverse(self, value: Tensor) -> Tensor:
         if self.method == "project":
             return value
-        largest = 0.0
-        for v in self._sums():
-            if isinstance(v, Tensor):
-                largest = max(largest, float(v.detach().abs().amax())) if v.numel() else largest
-            else:
-                largest = max(largest, v)
-        floor = torch.finfo(value.dtype).eps * (largest if largest > 0 else 1.0)
+        r, c = self._marginals(value.detach())
+        largest = torch.maximum(F._max_or_zero(r), F._max_or_zero(c))
+        floor = torch.finfo(value.dtype).eps * torch.where(largest > 0, largest, 1.0)
         return value.clamp_min(floor).log()
 
     # -- random points and membership ----------------------------------------------
