@@ -14,7 +14,9 @@ It runs, in one process and in this order:
 * ``bench_overhead.py``: what a parametrization adds to a training step, and
   ``parametrize.cached()`` (``overhead.md``);
 * ``bench_weighted_sum.py``, when present: its ``main(argv)``, output captured to
-  ``weighted_sum.md``.
+  ``weighted_sum.md``;
+* ``bench_transport.py``: the exact doubly stochastic projection against Sinkhorn
+  and a Dykstra loop (``transport.md``).
 
 ``summary.md`` collects every table with the command and the machine.
 """
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         weighted_sum = tee.copy.getvalue()
         projections.write(args.out, "weighted_sum.md", weighted_sum)
 
+    print()
+    transport = importlib.import_module("bench_transport")
+    transport.main(common)
+
     command = " ".join(["python benchmarks/run.py", *map(shlex.quote, argv or sys.argv[1:])])
     sections = [
         "# sumto benchmarks",
@@ -102,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     if weighted_sum is not None:
         sections.append("## WeightedSum\n\n```\n" + weighted_sum.strip() + "\n```")
+    sections.append("## Doubly stochastic maps\n\n" + _read(args.out, "transport.md"))
     projections.write(args.out, "summary.md", "\n\n".join(sections))
     print(f"\nwrote {args.out}/summary.md")
 

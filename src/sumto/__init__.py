@@ -13,6 +13,7 @@ from sumto.linear import LinearEquality, bayar, linear_equality
 from sumto.nn import WeightedSum
 from sumto.register import bake, box_sum, check, constrain, simplex, sum_to
 from sumto.step import project_on_step
+from sumto.transport import Transport, doubly_stochastic
 
 __all__ = [
     "AffineSum",
@@ -20,6 +21,7 @@ __all__ = [
     "Constraint",
     "LinearEquality",
     "Simplex",
+    "Transport",
     "WeightedSum",
     "__version__",
     "bake",
@@ -27,6 +29,7 @@ __all__ = [
     "box_sum",
     "check",
     "constrain",
+    "doubly_stochastic",
     "functional",
     "linear_equality",
     "project_on_step",
