@@ -468,6 +468,9 @@ class Constraint(nn.Module):
           bound, standard Gaussian for none), then the slice mapped onto the sum by
           :meth:`project`. On the set, but *not* uniform on it: the projection puts
           positive mass on the faces where entries sit on a bound.
+        * :class:`sumto.Transport`: per matrix, Sinkhorn's scaling of ``exp(Z)`` for
+          standard normal ``Z``, rounded onto the set: an interior point spread around
+          the centre of the polytope, not uniform on it.
 
         The draw is computed in float64 (float32 on MPS) and rounded to ``dtype``,
         then, for the projected draws, projected in ``dtype`` as :meth:`forward` does:

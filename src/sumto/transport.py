@@ -8,13 +8,12 @@ of :mod:`sumto.functional`; :func:`doubly_stochastic` registers it on a module's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from sumto import _checks, _transport
+from sumto import _transport
 from sumto import functional as F
 from sumto._compat import wide_dtype
 from sumto._transport import Marginal
@@ -200,160 +199,30 @@ class Transport(Constraint):
         floor = torch.finfo(value.dtype).eps * torch.where(largest > 0, largest, 1.0)
         return value.clamp_min(floor).log()
 
-    # -- random points and membership ----------------------------------------------
-    def sample(
+    # -- random points ------------------------------------------------------------
+    def _sample(
         self,
-        shape: Sequence[int] | int | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Tensor:
-        r"""A random point of the set per matrix: Sinkhorn scaling of ``exp(Z)``, ``Z`` Gaussian.
+        r"""Sinkhorn scaling of ``exp(Z)`` per matrix, ``Z`` standard normal.
 
-        Each matrix is :math:`\operatorname{diag}(u)\, e^{Z} \operatorname{diag}(v)` for
-        standard normal entries ``Z``, balanced by Sinkhorn in float64 (float32 on MPS)
-        and rounded onto the set in ``dtype``: an interior point (every entry positive
-        where its row and column sums are), a spread-out draw around the centre of the
-        polytope, not a uniform one. It passes :meth:`contains`, assignment,
-        registration and checkpoint loading; the same ``generator`` state gives the
-        same tensor.
-
-        Args:
-            shape: Shape ``(..., m, n)`` (an int is refused: matrices need 2 dims);
-                ``None`` means the registered shape.
-            generator: Random number generator on ``device``; ``None`` uses torch's
-                global one.
-            dtype: Floating point dtype; ``None`` means the registered tensor's dtype,
-                or ``torch.get_default_dtype()``.
-            device: Device; ``None`` means the device of a tensor sum, or torch's
-                default device.
-
-        Returns:
-            A tensor of ``shape``, ``dtype`` and ``device`` on the set (no gradient).
-
-        Raises:
-            TypeError: If an argument has the wrong type.
-            ValueError: If ``shape`` is ``None`` and none is registered, the sums do not
-                fit ``shape``, or ``generator`` is on another device.
-            IndexError: If ``shape`` has fewer than 2 dims.
-
-        Example:
-            >>> import torch
-            >>> from sumto import Transport
-            >>> c = Transport(row_sums=1.0, col_sums=2.0)
-            >>> p = c.sample((4, 2), generator=torch.Generator().manual_seed(0))
-            >>> c.contains(p), bool((p > 0).all())
-            (True, True)
+        Each matrix is :math:`\operatorname{diag}(u)\, e^{Z} \operatorname{diag}(v)`,
+        balanced by Sinkhorn in float64 (float32 on MPS) and rounded onto the set in
+        ``dtype``: an interior point (every entry positive where its row and column
+        sums are), a spread-out draw around the centre of the polytope, not a uniform one.
         """
-        size = self._sample_shape(shape)
-        out_dtype = self._sample_dtype(dtype)
-        out_device = self._sample_device(device)
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(
-                    f"expected generator to be a torch.Generator, got {type(generator).__name__}"
-                )
-            if generator.device.type != out_device.type:
-                raise ValueError(
-                    f"expected a generator on device {out_device}, got one on {generator.device}"
-                )
-        with torch.device("cpu"):
-            self._check_input(torch.empty(size, dtype=out_dtype, device="meta"), False)
-        with torch.no_grad():
-            wide = wide_dtype(out_device)
-            z = torch.randn(size, generator=generator, dtype=wide, device=out_device)
-            r, c = self._marginals(z)
-            p = _transport.sinkhorn(z, r, c, _SAMPLE_ITERS, None)
-            p = _transport.round_to_transport(p, r, c)
-            # Rounded to the output dtype, then onto the set in that dtype.
-            pc = p.to(out_dtype).to(F._compute_dtype(out_dtype))
-            r, c = self._marginals(pc)
-            return _transport.round_to_transport(pc, r, c).to(out_dtype)
-
-    def _sample_shape(self, shape: Sequence[int] | int | None) -> tuple[int, ...]:
-        if shape is None:
-            if self._shape is None:
-                raise ValueError(
-                    "expected a shape to sample (the constraint is not registered on a tensor, "
-                    "so it has no shape of its own), got None for Transport"
-                )
-            return self._shape
-        if isinstance(shape, int) and not isinstance(shape, bool):
-            shape = (shape,)
-        if not isinstance(shape, Sequence) or any(
-            isinstance(s, bool) or not isinstance(s, int) for s in shape
-        ):
-            raise TypeError(f"expected shape to be a tuple of ints, got {shape!r}")
-        if any(s < 0 for s in shape):
-            raise ValueError(f"expected non-negative sizes in shape, got {tuple(shape)}")
-        return tuple(shape)
-
-    def _sample_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
-        if dtype is None:
-            return self._dtype if self._dtype is not None else torch.get_default_dtype()
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"expected dtype to be a floating point torch.dtype, got {dtype!r}")
-        return dtype
-
-    def _sample_device(self, device: torch.device | str | None) -> torch.device:
-        if device is None:
-            for value in self._sums():
-                if isinstance(value, Tensor) and not value.is_meta:
-                    return value.device
-            return torch.get_default_device()
-        if not isinstance(device, (torch.device, str)):
-            raise TypeError(
-                f"expected device to be a torch.device or a str, got {type(device).__name__}"
-            )
-        return torch.device(device)
-
-    def contains(self, x: Tensor, atol: float | None = None) -> bool:
-        """Whether ``x`` lies on the set: a fitting shape, finite, violation within ``atol``.
-
-        The boolean form of :meth:`violation`; with the default ``atol`` it accepts
-        what assignment, registration and checkpoint loading accept. It returns a
-        Python ``bool`` (a device sync).
-
-        Args:
-            x: Floating point tensor; a registered constraint requires its registered
-                shape, an unregistered one any ``(..., m, n)`` shape the sums fit.
-            atol: Largest violation accepted; ``None`` means :meth:`tolerance` of ``x``.
-
-        Returns:
-            ``True`` if ``x`` is on the set within ``atol``; ``False`` otherwise (also
-            for a wrong shape and for non-finite entries).
-
-        Raises:
-            TypeError: If ``x`` is not a floating point tensor or ``atol`` not a number.
-            ValueError: If ``atol`` is negative or NaN, or ``x`` is a meta tensor.
-
-        Example:
-            >>> import torch
-            >>> from sumto import Transport
-            >>> c = Transport()
-            >>> c.contains(torch.eye(3)), c.contains(torch.ones(3, 3))
-            (True, False)
-        """
-        F._check_float_tensor(x)
-        if atol is not None:
-            atol = _checks.check_number(atol, "atol")
-            if not atol >= 0.0:
-                raise ValueError(f"expected atol >= 0, got {atol}")
-        if x.is_meta:
-            raise ValueError("expected x with values, got a meta tensor")
-        if self._shape is not None and tuple(x.shape) != self._shape:
-            return False
-        try:
-            with torch.device("cpu"):
-                self._check_input(x, registered_shape=False)
-        except (IndexError, ValueError):
-            return False
-        value = x.detach()
-        if value.numel() > 0 and not bool(torch.isfinite(value).all()):
-            return False
-        tol = self.tolerance(value) if atol is None else atol
-        return bool(float(self.violation(value)) <= tol)
+        wide = wide_dtype(device)
+        z = torch.randn(shape, generator=generator, dtype=wide, device=device)
+        r, c = self._marginals(z)
+        p = _transport.sinkhorn(z, r, c, _SAMPLE_ITERS, None)
+        p = _transport.round_to_transport(p, r, c)
+        # rounded to the output dtype, then onto the set in that dtype
+        pc = p.to(dtype).to(F._compute_dtype(dtype))
+        r, c = self._marginals(pc)
+        return _transport.round_to_transport(pc, r, c).to(dtype)
 
 
 def doubly_stochastic(
