@@ -523,3 +523,17 @@ def run_inspect(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, st
     status = cli_main(["inspect", str(path)])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+def load_example(name: str) -> Any:
+    """The module of ``examples/<name>.py``, imported from its file (examples are not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
