@@ -36,8 +36,10 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
 
+# worksteal: an idle worker takes queued tests from a busy one, so a few long tests
+# (compilation, multi-process) do not leave one core waiting at the end.
 pytest: $(VENV)/.dev-installed
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --dist worksteal
 
 test: lint typecheck pytest
 
