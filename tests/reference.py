@@ -821,3 +821,18 @@ def ref_sinkhorn(x: Tensor, r: float | Tensor, c: float | Tensor, iters: int) ->
         u = rr / (k @ v.unsqueeze(-1)).squeeze(-1)
         v = cc / (k.mT @ u.unsqueeze(-1)).squeeze(-1)
     return u.unsqueeze(-1) * k * v.unsqueeze(-2)
+
+
+# ---------------------------------------------------------------------------
+def load_example(name: str) -> Any:
+    """The module of ``examples/<name>.py``, imported from its file (examples are not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -277,3 +277,11 @@ def test_inspect_help_states_the_default_loader_and_the_risk_of_trusted(
     text = " ".join(capsys.readouterr().out.split())
     assert "weights_only=True" in text and "argparse.Namespace" in text
     assert "--trusted" in text and "EXECUTES ARBITRARY CODE" in text and "(default: off)" in text
+
+
+def test_demo_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]):
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "output folder (default: demo-out)" in out
+    assert "optimiser steps per run (default: 400)" in out
+    assert "random seed (default: 0)" in out

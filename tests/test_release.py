@@ -4,11 +4,19 @@ Builds the sdist and the wheel once (``python -m build --no-isolation``, with th
 hatchling of the dev environment), checks their metadata with ``twine check --strict``
 and their contents, then installs the wheel into a fresh virtual environment (no
 system site-packages, no access to this checkout) and runs a constraint there.
+
+Installing torch into that environment unpacks gigabytes, so by default the fresh
+environment sees the running environment's torch through a path entry (a plain
+``sys.path`` directory: its ``.pth`` files, among them the editable install of this
+checkout, are not processed) and the test checks that ``sumto`` is not importable
+there before the wheel is installed. ``SUMTO_RELEASE_TORCH=install`` (set by CI)
+installs torch into the fresh environment instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +27,7 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+import torch
 
 import sumto
 
@@ -104,22 +113,24 @@ def test_sdist_has_sources_and_no_local_files(dist: dict[str, Path]) -> None:
 
 def test_wheel_installs_and_runs_in_a_fresh_venv(dist: dict[str, Path], tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", venv)
+    # No pip inside: the running environment's pip installs into it (pip --python).
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
-    # torch==2.13.0 resolves from the local wheel cache; the pin keeps pip from choosing
-    # another build for "torch>=2.2".
-    _run(
-        python,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-compile",
-        "torch==2.13.0",
-        dist["wheel"],
-        timeout=300,
-    )
+    pip = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile"]
+    if os.environ.get("SUMTO_RELEASE_TORCH") == "install":
+        # torch==2.13.0 resolves from the local wheel cache; the pin keeps pip from choosing
+        # another build for "torch>=2.5".
+        _run(*pip, "torch==2.13.0", dist["wheel"], timeout=600)
+    else:
+        site = _run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
+        torch_dir = Path(torch.__file__).resolve().parents[1]
+        (Path(site.strip()) / "_test_release_torch.pth").write_text(f"{torch_dir}\n")
+        probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('sumto'))"
+        found = _run(python, "-I", "-c", probe, cwd=tmp_path).strip()
+        assert found.startswith("ModuleSpec(name='torch'") and found.endswith(" None"), found
+        # --ignore-installed: the shared directory's sumto metadata (an editable install)
+        # must neither satisfy nor be uninstalled by this install.
+        _run(*pip, "--no-deps", "--ignore-installed", dist["wheel"], timeout=300)
     script = textwrap.dedent(
         """
         import json

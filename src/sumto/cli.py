@@ -306,6 +306,7 @@ def _parser() -> argparse.ArgumentParser:
             "and write DIR/summary.json and PNG figures. Needs the 'demo' extra: "
             "pip install 'sumto[demo]'."
         ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
     demo.add_argument(
