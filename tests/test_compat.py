@@ -131,6 +131,14 @@ def test_without_the_probes_compiled_code_is_traced_not_opaque(
     assert not _compat.is_exporting()
 
 
+def test_along_first_dim_gives_the_slices_as_selects() -> None:
+    t = torch.arange(6.0).reshape(3, 2)
+    parts = _compat.along_first_dim(t)
+    assert len(parts) == 3 and all(torch.equal(p, u) for p, u in zip(parts, t.unbind(0)))
+    assert all(p._base is t for p in parts)  # views, no copies
+    assert _compat.along_first_dim(torch.empty(0, 2)) == []
+
+
 def test_eager_only_on_cpu() -> None:
     assert not _compat.eager(torch.zeros(2, device="meta"))
 

@@ -1501,3 +1501,34 @@ def test_compile_fullgraph_layer_norm_dropout_and_masks() -> None:
         assert abs(float(w.sum()) - 1.0) < 1e-5
         kept += (w > 0).float()
     assert 20 <= float(kept.sum()) < 80  # some inputs dropped, at least one kept per call
+
+
+class _LinearThenMix(torch.nn.Module):
+    """A WeightedSum fed by a Linear: the case inductor got wrong through ``unbind``."""
+
+    def __init__(self, method: str, stacked: bool) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+        self.mix = sumto.WeightedSum(2, method=method)
+        self.stacked = stacked
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = [self.lin(x), x[:, :4]]
+        return self.mix(torch.stack(parts) if self.stacked else parts)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize(("method", "stacked"), [("sparsemax", False), ("softmax", True)])
+def test_inductor_gradients_of_a_mix_fed_by_a_linear_equal_eager(
+    method: str, stacked: bool
+) -> None:
+    torch.manual_seed(0)
+    module, x = _LinearThenMix(method, stacked), torch.randn(8, 6)
+    grads = []
+    for fn in (module, torch.compile(module, backend="inductor")):
+        module.zero_grad()
+        fn(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in module.parameters() if p.grad is not None])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager)

@@ -16,6 +16,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "along_first_dim",
     "compiling_opaque",
     "eager",
     "forward_ad_active",
@@ -104,6 +105,16 @@ def compiling_opaque(x: Tensor) -> bool:
         return False
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return active is not None and not bool(active())
+
+
+def along_first_dim(t: Tensor) -> list[Tensor]:
+    """``t[0], t[1], ...``: the slices along dim 0, each a ``select`` of ``t``.
+
+    Not ``t.unbind(0)``, whose gradient inductor (torch 2.13) computes wrong when a
+    slice multiplies the output of a ``Linear``: eager and ``aot_eager`` agree,
+    inductor returns other input gradients. Code that compiles takes this form.
+    """
+    return [t[i] for i in range(t.shape[0])]
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:

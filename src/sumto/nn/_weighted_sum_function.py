@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sumto._compat import forward_ad_active, is_compiling, transforms_active
+from sumto._compat import along_first_dim, forward_ad_active, is_compiling, transforms_active
 from sumto.functional import _compute_dtype
 
 __all__: list[str] = []
@@ -60,7 +60,8 @@ def _accumulate(
     if acc_dtype != x0.dtype and coeff.ndim == 1:
         # A 0-d float32 factor would not promote a bfloat16 product to float32.
         coeff = coeff.reshape(coeff.shape[0], *([1] * x0.ndim))
-    cs = coeff.unbind(0)
+    # the recorded (out-of-place) form is the one compile traces
+    cs = coeff.unbind(0) if in_place else along_first_dim(coeff)
     first = cs[0]
     if bias is None:
         acc = torch.mul(x0, first)
@@ -188,7 +189,7 @@ def weighted_sum(
     No validation: callers (``WeightedSum.forward``) check shapes and dtypes.
     """
     if _plain_ops_needed():
-        xs: Sequence[Tensor] = inputs.unbind(0) if isinstance(inputs, Tensor) else inputs
+        xs: Sequence[Tensor] = along_first_dim(inputs) if isinstance(inputs, Tensor) else inputs
         return _accumulate(coefficients, xs, bias, in_place=False)
     if not torch.is_grad_enabled():
         # Nothing is recorded: the fused forward without the autograd function's cost.

@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from sumto import functional as F
-from sumto._compat import is_compiling, own_parameter
+from sumto._compat import along_first_dim, is_compiling, own_parameter
 from sumto.constraints import _SIMPLEX_METHODS, AffineSum, Simplex, SimplexMethod
 from sumto.nn._weighted_sum_function import weighted_sum
 from sumto.register import _install_load_hook, constrain
@@ -785,7 +785,7 @@ def _layer_norm_stats(
         dims = tuple(range(1, x.ndim))
         m = None if mask is None else mask.unsqueeze(-1).unsqueeze(0)
         return _moments(x, dims, m)
-    xs = tensors.unbind(0) if isinstance(tensors, Tensor) else tensors
+    xs = along_first_dim(tensors) if isinstance(tensors, Tensor) else tensors
     m = None if mask is None else mask.unsqueeze(-1)
     parts = [_moments(x if x.dtype == acc else x.to(acc), tuple(range(x.ndim)), m) for x in xs]
     return torch.stack([mean for mean, _ in parts]), torch.stack([inv for _, inv in parts])
