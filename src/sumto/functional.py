@@ -72,7 +72,8 @@ _check_bound_tensors = _checks.check_bound_tensors
 Bound = _checks.Bound
 
 
-def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
+def _validate_dims(x: Tensor, dim: Dim) -> tuple[int, ...]:
+    """``x`` a float tensor with non-empty slices over ``dim``; the normalised dims."""
     _check_float_tensor(x)
     dims = _normalize_dims(dim, x.ndim)
     if x.ndim > 0 and _reduced_size(x.shape, dims) == 0:
@@ -80,6 +81,11 @@ def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
             f"expected at least one element along dim {dim!r} to distribute a total over, "
             f"got a tensor of shape {tuple(x.shape)}"
         )
+    return dims
+
+
+def _validate(x: Tensor, total: Total, dim: Dim) -> tuple[int, ...]:
+    dims = _validate_dims(x, dim)
     _check_total(total, x.shape, dims)
     _check_total_range(total, _compute_dtype(x.dtype))
     return dims
@@ -576,13 +582,7 @@ def entmax(x: Tensor, alpha: Alpha = DEFAULT_ALPHA, dim: Dim = -1) -> Tensor:
         >>> entmax(x, alpha=torch.tensor(2.0))  # sparsemax
         tensor([1., 0., 0.])
     """
-    _check_float_tensor(x)
-    dims = _normalize_dims(dim, x.ndim)
-    if x.ndim > 0 and _reduced_size(x.shape, dims) == 0:
-        raise ValueError(
-            f"expected at least one element along dim {dim!r} to distribute over, "
-            f"got a tensor of shape {tuple(x.shape)}"
-        )
+    dims = _validate_dims(x, dim)
     _check_alpha(alpha, x.shape, dims)
     xc = x.to(_compute_dtype(x.dtype))
     out = _entmax_rows(_to_rows(xc, dims), _alpha_rows(alpha, xc, dims))
