@@ -847,7 +847,7 @@ def test_baked_module_keeps_dict_subsets_and_masks(kind: str, method: str) -> No
 
 
 def test_lazy_first_call_from_many_threads_sizes_each_module_once() -> None:
-    n_threads, n_modules = 8, 50
+    n_threads, n_modules = 8, 20
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads often: the race shows up in most modules
     failures: list[str] = []
