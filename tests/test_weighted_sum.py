@@ -9,7 +9,6 @@ Tolerances are k * eps(dtype) * magnitude.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import sys
 import threading
@@ -31,6 +30,7 @@ from torch.nn.parameter import UninitializedParameter
 import sumto
 from reference import (
     assert_close_at_magnitude,
+    load_example,
     ref_project_simplex,
     ref_project_sum,
     ref_relu,
@@ -1138,29 +1138,19 @@ def test_adam_learns_a_known_mixture(kind: str, method: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _load_example(name: str) -> Any:
-    path = ROOT / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_fixed_k_finds_the_useful_layer(capsys: pytest.CaptureFixture[str]) -> None:
-    result = _load_example("weighted_sum_fixed_k").main(["--steps", "60"])
+    result = load_example("weighted_sum_fixed_k").main(["--steps", "60"])
     assert result["top_layer"] == 4.0
     assert "layer weights" in capsys.readouterr().out
 
 
 def test_example_bias_with_batched_inputs_fits_weights_and_bias() -> None:
-    result = _load_example("weighted_sum_bias_batched").main(["--steps", "150"])
+    result = load_example("weighted_sum_bias_batched").main(["--steps", "150"])
     assert result["weight_error"] < 0.05 and result["bias_error"] < 0.05
 
 
 def test_example_varying_inputs_trains_one_parameter() -> None:
-    result = _load_example("weighted_sum_varying_inputs").main(["--steps", "150"])
+    result = load_example("weighted_sum_varying_inputs").main(["--steps", "150"])
     assert result["weight_error"] < 0.05
 
 
