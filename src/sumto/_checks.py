@@ -274,11 +274,10 @@ def check_box_entries(
     # a relative slack: the sums of the bounds round at their own scale
     eps = 8 * torch.finfo(torch.float64).eps
     too_low, too_high = t < low - eps * low.abs(), t > high + eps * high.abs()
-    for bad, what in ((too_low, "sum(lower)"), (too_high, "sum(upper)")):
+    for bad, what, side in ((too_low, "sum(lower)", low), (too_high, "sum(upper)", high)):
         where = bad.nonzero()
         if where.shape[0] > 0:
             index = tuple(where[0].tolist())
-            side = low if what == "sum(lower)" else high
             other = tuple(i for k, i in enumerate(index) if k not in dims)
             raise ValueError(
                 f"expected sum(lower) <= total <= sum(upper) in every slice, got total="

@@ -98,13 +98,12 @@ def is_exporting() -> bool:
 def compiling_opaque(x: Tensor) -> bool:
     """Whether ``torch.compile`` records ``x`` outside export and ``torch.func``.
 
-    There an opaque operator can stand for eager code. Without the private probes,
-    answer ``False``: the caller then traces the code itself, valid everywhere.
+    There an opaque operator can stand for eager code. Without the private probe
+    (:func:`transforms_active` then answers ``True``), answer ``False``: the caller
+    then traces the code itself, valid everywhere. Only the global probe is asked:
+    dynamo cannot trace the wrapped-tensor probe on ``x``.
     """
-    if not is_compiling() or is_exporting():
-        return False
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return active is not None and not bool(active())
+    return is_compiling() and not is_exporting() and not transforms_active()
 
 
 def along_first_dim(t: Tensor) -> list[Tensor]:

@@ -161,15 +161,12 @@ def _project_box(
     x: Tensor, total: Total, dims: tuple[int, ...], lower: Bound, upper: Bound
 ) -> Tensor:
     """:func:`_project_box_rows` over ``dims``, with per-entry (tensor) bounds laid out as rows."""
-    if not isinstance(lower, Tensor) and not isinstance(upper, Tensor):
-        return _apply_rows(x, total, dims, _project_box_rows, float(lower), float(upper))
-    dtype = _compute_dtype(x.dtype)
 
     def rows_of(bound: Bound) -> Tensor | float:
         if not isinstance(bound, Tensor):
             return float(bound)
-        full = bound.detach().to(device=x.device, dtype=dtype).expand(x.shape)
-        return _to_rows(full, dims)
+        full = bound.detach().to(device=x.device, dtype=_compute_dtype(x.dtype))
+        return _to_rows(full.expand(x.shape), dims)
 
     return _apply_rows(x, total, dims, _project_box_rows, rows_of(lower), rows_of(upper))
 
