@@ -958,7 +958,7 @@ class Simplex(_TotalMixin):
         if self.alpha_raw is not None:
             alpha = _alpha_from_raw(self.alpha_raw.to(like.dtype))
         else:
-            alpha = self._buffers.get("alpha", self._alpha)
+            alpha = self.alpha
         assert alpha is not None  # set for entmax by the constructor
         return temperature, F._alpha_rows(alpha, like, dims)
 
