@@ -283,7 +283,6 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         else:
             constraint = AffineSum(dim=0)
         constrain(self, "weights", constraint, init=value)
-        self._temperature = constraint.temperature if isinstance(constraint, Simplex) else 1.0
         self.num_inputs = k
         if logits is not None:
             pre = self._pre_weights_tensor()
@@ -593,12 +592,7 @@ class WeightedSum(LazyModuleMixin, nn.Module):
             pre = self._pre_weights()
             # The softmax straight from the pre-weights: the map the parametrization
             # computes, without its per-call checks (the weights of tiny mixes).
-            if pre is None:
-                w = self.weights
-            elif self._temperature == 1.0:
-                w = torch.softmax(pre, 0)
-            else:
-                w = torch.softmax(pre / self._temperature, 0)
+            w = self.weights if pre is None else torch.softmax(pre, 0)
         else:
             w = self.weights
         acc = F._compute_dtype(input_dtype)
@@ -644,11 +638,9 @@ class WeightedSum(LazyModuleMixin, nn.Module):
         elif self.method == "relu" or (self.method == "softmax" and pre is None):
             out = _rescale(x, m)
         elif self.method == "softmax":
-            out = _masked_softmax(x / self._temperature, m)
-        elif pre is None:
-            out = _masked_sparsemax(x, m)
+            out = _masked_softmax(x, m)
         else:
-            out = _masked_sparsemax(x / self._temperature, m)
+            out = _masked_sparsemax(x, m)
         out = out.transpose(0, 1)  # (K', rows, columns)
         if mask is None or mask.ndim == 1:
             out = out.squeeze(1)
