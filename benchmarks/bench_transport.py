@@ -44,35 +44,32 @@ from sumto.functional import project_transport, sinkhorn
 ACCURACY = 1e-6
 
 
+def dykstra_step(p: Tensor, inc: Tensor) -> tuple[Tensor, Tensor]:
+    """One round of Dykstra's projections onto {P 1 = 1, P^T 1 = 1}, then {P >= 0}."""
+    m, n = p.shape[-2:]
+    e_r = p.sum(-1) - 1.0
+    e_c = p.sum(-2) - 1.0
+    total = e_r.sum(-1, keepdim=True)
+    y = p - (e_r / n).unsqueeze(-1) - ((e_c - total / n) / m).unsqueeze(-2)
+    z = y + inc
+    p = z.clamp_min(0.0)
+    return p, z - p
+
+
 def dykstra(x: Tensor, iters: int) -> Tensor:
-    """Dykstra's alternating projections onto {P 1 = 1, P^T 1 = 1} and {P >= 0}."""
-    m, n = x.shape[-2:]
-    p = x
-    inc = torch.zeros_like(x)
+    """Dykstra's alternating projections, ``iters`` rounds."""
+    p, inc = x, torch.zeros_like(x)
     for _ in range(iters):
-        e_r = p.sum(-1) - 1.0
-        e_c = p.sum(-2) - 1.0
-        total = e_r.sum(-1, keepdim=True)
-        y = p - (e_r / n).unsqueeze(-1) - ((e_c - total / n) / m).unsqueeze(-2)
-        z = y + inc
-        p = z.clamp_min(0.0)
-        inc = z - p
+        p, inc = dykstra_step(p, inc)
     return p
 
 
 def dykstra_iterations(x: Tensor, exact: Tensor, cap: int) -> int:
     """Iterations Dykstra needs to come within ``ACCURACY`` of ``exact`` (checked every 10)."""
-    m, n = x.shape[-2:]
     p = x.double()
     inc = torch.zeros_like(p)
     for it in range(1, cap + 1):
-        e_r = p.sum(-1) - 1.0
-        e_c = p.sum(-2) - 1.0
-        total = e_r.sum(-1, keepdim=True)
-        y = p - (e_r / n).unsqueeze(-1) - ((e_c - total / n) / m).unsqueeze(-2)
-        z = y + inc
-        p = z.clamp_min(0.0)
-        inc = z - p
+        p, inc = dykstra_step(p, inc)
         if it % 10 == 0 and float((p - exact).abs().max()) <= ACCURACY:
             return it
     return cap
