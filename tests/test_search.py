@@ -315,6 +315,36 @@ def test_sort_search_keeps_long_float32_rows_in_narrow_boxes_exact(name: str) ->
     assert error <= 4 * torch.finfo(torch.float32).eps * float(x.abs().max())
 
 
+@pytest.mark.parametrize("value_steps", [0, 1, 40])
+@pytest.mark.parametrize(
+    "name", ["wide-box", "tight-box-[0,10/n]", "integers-in-narrow-box", "per-row-totals"]
+)
+def test_box_newton_is_exact_whatever_its_value_steps_left(
+    name: str, value_steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The value-only steps only bring the start near the root: with none, one, or
+    # more than any row needs, Newton's steps still end on the exact classification.
+    monkeypatch.setattr(_search, "_VALUE_STEPS", value_steps)
+    check_box_case(name, torch.float32, "newton", one_sided=False)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 4 * N + 4])
+def test_box_newton_row_blocks_keep_each_row_with_its_own_total(
+    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One row per block, and blocks of three rows that leave a shorter last block:
+    # per-row totals must follow their rows across block edges.
+    monkeypatch.setattr(_search, "_BLOCK_BYTES", block_bytes)
+    x = randn(60, 2, 5, N, dtype=torch.float32)
+    total = (torch.rand(2, 5, 1, generator=generator(61), dtype=torch.float64) * 4 - 1).float()
+    expected = ref_project_box_sum(x.double(), total.double(), (-1,), -0.01, 0.02)
+    with _search.forced("newton"):
+        check_tau(x, total, -0.01, 0.02, expected)
+        y = project_box_sum(x, total, lower=-0.01, upper=0.02)
+    assert_projection_close(y, expected, scale_of(x, total, -0.01, 0.02))
+    assert_sums(y, total, (-1,))
+
+
 def test_newton_and_sort_classify_a_two_sided_box_alike() -> None:
     x, total, lower, upper = BOX_CASES["tight-box-[0,10/n]"](torch.float32)
     outputs = []

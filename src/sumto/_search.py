@@ -10,15 +10,14 @@ needs ``tau`` to classify every entry correctly up to the rounding of the entrie
 
 Code paths per map: at most two searches and one assembly each.
 
-==============  ========================================  ================================
-map             device-agnostic search (no host sync)     eager-CPU search, large inputs
-==============  ========================================  ================================
-affine sum      none (closed form)                        none
-one-sided       sort (Held/Duchi), :func:`_one_sided_sort`  pruned Newton (:func:`_simplex_pruned`)
-(simplex)
-two-sided box   sorted breakpoints, :func:`_box_sort`     safeguarded Newton (:func:`_box_newton`)
-per-entry box   sorted breakpoints, :func:`_box_sort_entries`  none
-==============  ========================================  ================================
+=============  =============================================  ======================================
+map            device-agnostic search (no host sync)          eager-CPU search, large inputs
+=============  =============================================  ======================================
+affine sum     none (closed form)                             none
+one-sided      sort (Held/Duchi), :func:`_one_sided_sort`     pruned Newton, :func:`_simplex_pruned`
+two-sided box  sorted breakpoints, :func:`_box_sort`          falsi then Newton, :func:`_box_newton`
+per-entry box  sorted breakpoints, :func:`_box_sort_entries`  none
+=============  =============================================  ======================================
 
 The sort-based searches run wherever data-dependent control flow is not free: on
 other devices, while ``torch.export``/``torch.jit.trace`` record, under ``torch.func``
@@ -85,14 +84,31 @@ Newton search for per-entry bounds has not shown the speed that would earn a sec
 
 Note [Box threshold by Newton's method]
 ``h`` has slope ``-#free(t)``; Newton's step ``t + (h(t) - c) / #free(t)`` lands on the
-root when ``t`` lies on the root's linear piece. The search keeps a bracket
-``[lo, hi]`` with ``h(lo) >= c > h(hi)``, starts from the affine projection's shift
-(the root when every entry stays free), and replaces a step that leaves the bracket
-(and every eighth step) by bisection. A row is finished when a Newton step reached a
-point whose classification (the counts at each bound, which move monotonically in
-``t``, so equal counts mean equal sets) equals the one it started from: ``tau`` is
-then Newton's step from it, exact up to rounding. Counts are sums of signs in the
-row's dtype; finished rows are dropped once they are half of the working set.
+root when ``t`` lies on the root's linear piece. Far from the root it does not help
+where few entries are free (a narrow box: ``h`` is then close to a staircase, whose
+local slope says little about where the root is), and a step that also counts the
+entries at each bound costs three times the passes of one that only sums. So the
+search first takes value-only steps of regula falsi with the Illinois rule inside a
+bracket ``[lo, hi]`` with ``h(lo) >= c > h(hi)`` (from ``[min(x) - u, max(x) - l]``,
+starting at the affine projection's shift, the root whenever every entry stays
+free). A row stops them once ``|h(t) - c| <= (u - l) / 4``: breakpoints near the root
+lie about ``(u - l) / (2 #free)`` apart and the root about ``|h(t) - c| / #free`` away,
+so fewer than one breakpoint is then expected between ``t`` and the root, whatever
+``#free`` is. Newton's steps follow, in the same bracket; a step that leaves it (and
+every eighth step, which bisects) is replaced by the bracket's interpolation point.
+A row is finished when a Newton step reached a point whose classification (the
+counts at each bound, which move monotonically in ``t``, so equal counts mean equal
+sets) equals the one it started from: ``tau`` is then Newton's step from it, exact up
+to rounding. The value steps only choose where Newton starts, so the result is the
+same with any number of them. Counts are sums of signs in the row's dtype; finished
+rows are dropped once they are half of the working set.
+
+Note [Box search in row blocks]
+Each step of the box search makes several passes over the rows and a work buffer of
+their size. Run on the whole input at once, the two no longer fit in the cache
+when it holds more than a few MiB, and every pass then goes to memory; run on row
+blocks of about ``_BLOCK_BYTES`` each (the search is per row), they stay in cache.
+Blocks cost a few small operations per step each, which long blocks amortise.
 """
 
 from __future__ import annotations
@@ -120,6 +136,10 @@ _GROUP = 16
 _MIN_PRUNE = 256
 # Rows still running after this many Newton steps (adversarial inputs) finish by sorting.
 _MAX_STEPS = 64
+# Value-only steps of the box search before its Newton steps (Note [Box threshold by Newton's method]).
+_VALUE_STEPS = 12
+# The box search runs on row blocks of about this many bytes (Note [Box search in row blocks]).
+_BLOCK_BYTES = 1 << 22
 
 _forced: Search | None = None
 
@@ -392,15 +412,16 @@ def _simplex_lower_bound(x: Tensor, c: Tensor | float) -> Tensor:
 
 def _simplex_pruned(x: Tensor, c: Tensor | float) -> Tensor:
     rows, n = x.shape
-    lo = _simplex_lower_bound(x, c) if rows > 0 else x.new_empty(0, 1)
     if rows == 0 or n < _MIN_PRUNE:
+        lo = _simplex_lower_bound(x, c) if rows > 0 else x.new_empty(0, 1)
         return _simplex_newton(x, c, lo)
     k = n // _GROUP
     head = x[:, : k * _GROUP].view(rows, _GROUP, k)
     tail = x[:, k * _GROUP :]
     group_max = head.amax(1)
     coarse = torch.cat([group_max, tail], 1) if tail.shape[1] > 0 else group_max
-    lo = torch.maximum(lo, _simplex_pruned(coarse, c))
+    # the coarse root is a lower bound of its own: no pass over x for another one
+    lo = _simplex_pruned(coarse, c)
     candidate = group_max > lo
     per_row = candidate.view(torch.uint8).sum(-1, dtype=torch.int32)
     kmax = int(per_row.max())
@@ -466,7 +487,15 @@ def _box_newton_rows(x: Tensor, total: Tensor | float, lower: float, upper: floa
     if x.numel() == 0:
         return x.new_empty(*x.shape[:-1], 1)
     matrix, c = _as_matrix(x, total)
-    return _box_newton(matrix, c, lower, upper).reshape(*x.shape[:-1], 1)
+    # Note [Box search in row blocks]
+    step = max(1, _BLOCK_BYTES // (matrix.shape[1] * matrix.element_size()))
+    taus = [
+        _box_newton(
+            matrix[i : i + step], c[i : i + step] if isinstance(c, Tensor) else c, lower, upper
+        )
+        for i in range(0, matrix.shape[0], step)
+    ]
+    return torch.cat(taus).reshape(*x.shape[:-1], 1)
 
 
 def _box_evaluate(
@@ -485,15 +514,69 @@ def _box_evaluate(
     return value, at_upper, at_lower
 
 
+class _Bracket:
+    """Per row: ``lo <= tau <= hi`` with ``f_lo = h(lo) - c >= 0 > f_hi = h(hi) - c``.
+
+    Its interpolation point is regula falsi's with the Illinois rule: an end kept for
+    a second step in a row has its ``f`` halved, so the kept end is not approached
+    from one side only and the bracket shrinks superlinearly.
+    """
+
+    def __init__(self, lo: Tensor, hi: Tensor, f_lo: Tensor, f_hi: Tensor) -> None:
+        self.lo, self.hi, self.f_lo, self.f_hi = lo, hi, f_lo, f_hi
+        self.side = torch.zeros_like(lo)  # +1: lo moved last, -1: hi moved last
+
+    def narrow(self, t: Tensor, excess: Tensor, moving: Tensor | None = None) -> None:
+        """Replace the end on ``t``'s side by ``t``, where ``h(t) - c = excess``.
+
+        Rows where ``moving`` is false are left as they are.
+        """
+        above = excess >= 0
+        f_lo = torch.where(above, excess, torch.where(self.side < 0, 0.5 * self.f_lo, self.f_lo))
+        f_hi = torch.where(above, torch.where(self.side > 0, 0.5 * self.f_hi, self.f_hi), excess)
+        side = torch.where(above, 1.0, -1.0)
+        lo = torch.where(above, t, self.lo)
+        hi = torch.where(above, self.hi, t)
+        if moving is not None:
+            f_lo, f_hi = torch.where(moving, f_lo, self.f_lo), torch.where(moving, f_hi, self.f_hi)
+            side = torch.where(moving, side, self.side)
+            lo, hi = torch.where(moving, lo, self.lo), torch.where(moving, hi, self.hi)
+        self.lo, self.hi, self.f_lo, self.f_hi, self.side = lo, hi, f_lo, f_hi, side
+
+    def interpolate(self, bisect: bool = False) -> Tensor:
+        """Regula falsi's point inside the bracket, or its midpoint (``bisect`` or degenerate)."""
+        mid = 0.5 * self.lo + 0.5 * self.hi
+        if bisect:
+            return mid
+        falsi = (self.lo * self.f_hi - self.hi * self.f_lo) / (self.f_hi - self.f_lo)
+        return torch.where((falsi > self.lo) & (falsi < self.hi), falsi, mid)
+
+    def keep(self, index: Tensor) -> None:
+        self.lo, self.hi = self.lo[index], self.hi[index]
+        self.f_lo, self.f_hi, self.side = self.f_lo[index], self.f_hi[index], self.side[index]
+
+
 def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
-    """Safeguarded Newton iterations per row until the classification is stable."""
+    """Regula falsi on values, then safeguarded Newton until each row's classification is stable."""
     rows, n = x.shape
     lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
     hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
+    bracket = _Bracket(
+        lo, hi, n * upper - c + torch.zeros_like(lo), n * lower - c + torch.zeros_like(hi)
+    )
     # the affine projection's shift: the root whenever every entry stays free
     t = torch.minimum(torch.maximum((x.sum(-1, keepdim=True) - c) / n, lo), hi)
-    tau = torch.empty_like(t)
     work = torch.empty_like(x)
+    near = 0.25 * (upper - lower)
+    moving = torch.ones_like(t, dtype=torch.bool)
+    for _ in range(_VALUE_STEPS):
+        excess = torch.sub(x, t, out=work).clamp_(lower, upper).sum(-1, keepdim=True) - c
+        bracket.narrow(t, excess, moving)
+        moving &= excess.abs() > near
+        if not bool(moving.any()):
+            break
+        t = torch.where(moving, bracket.interpolate(), t)
+    tau = torch.empty_like(t)
     ids = torch.arange(rows, device=x.device)  # working row -> output row
     settled = torch.zeros_like(t, dtype=torch.bool)
     previous: tuple[Tensor, Tensor] | None = None
@@ -502,9 +585,8 @@ def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Ten
         value, at_upper, at_lower = _box_evaluate(x, t, lower, upper, work[: x.shape[0]])
         excess = value - c
         free = n - at_upper - at_lower
-        above = excess >= 0
-        lo = torch.where(above, t, lo)
-        hi = torch.where(above, hi, t)
+        bracket.narrow(t, excess)
+        lo, hi = bracket.lo, bracket.hi
         newton = t + excess / free.clamp_min(1.0)
         # t's classification gives the root when Newton reached t from a point of the
         # same classification, or when its step (through free entries) stalls
@@ -523,13 +605,16 @@ def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Ten
         finished = int(settled.sum())
         if finished == x.shape[0]:
             return tau
-        use_newton = (free > 0) & (newton > lo) & (newton < hi) & (step % 8 != 7)
+        # every eighth step bisects, so that the bracket halves whatever else happens
+        bisect = step % 8 == 7
+        use_newton = (free > 0) & (newton > lo) & (newton < hi) & (not bisect)
         # settled rows stay where they are
-        t = torch.where(settled, t, torch.where(use_newton, newton, 0.5 * lo + 0.5 * hi))
+        t = torch.where(settled, t, torch.where(use_newton, newton, bracket.interpolate(bisect)))
         previous, newton_before = (at_upper, at_lower), use_newton
         if 2 * finished >= x.shape[0]:
             keep = (~settled[:, 0]).nonzero()[:, 0]
-            ids, x, t, lo, hi = ids[keep], x[keep], t[keep], lo[keep], hi[keep]
+            ids, x, t = ids[keep], x[keep], t[keep]
+            bracket.keep(keep)
             previous = (at_upper[keep], at_lower[keep])
             newton_before, settled = newton_before[keep], settled[keep]
             c = c[keep] if isinstance(c, Tensor) else c
