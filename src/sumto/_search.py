@@ -489,9 +489,14 @@ def _box_newton_rows(x: Tensor, total: Tensor | float, lower: float, upper: floa
     matrix, c = _as_matrix(x, total)
     # Note [Box search in row blocks]
     step = max(1, _BLOCK_BYTES // (matrix.shape[1] * matrix.element_size()))
+    work = torch.empty_like(matrix[:step])  # one buffer for every block
     taus = [
         _box_newton(
-            matrix[i : i + step], c[i : i + step] if isinstance(c, Tensor) else c, lower, upper
+            matrix[i : i + step],
+            c[i : i + step] if isinstance(c, Tensor) else c,
+            lower,
+            upper,
+            work,
         )
         for i in range(0, matrix.shape[0], step)
     ]
@@ -556,8 +561,11 @@ class _Bracket:
         self.f_lo, self.f_hi, self.side = self.f_lo[index], self.f_hi[index], self.side[index]
 
 
-def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Tensor:
-    """Regula falsi on values, then safeguarded Newton until each row's classification is stable."""
+def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float, work: Tensor) -> Tensor:
+    """Regula falsi on values, then safeguarded Newton until each row's classification is stable.
+
+    ``work`` is a buffer of at least ``x``'s rows.
+    """
     rows, n = x.shape
     lo = x.amin(-1, keepdim=True) - upper  # h(lo) = n * upper >= c
     hi = x.amax(-1, keepdim=True) - lower  # h(hi) = n * lower <= c
@@ -566,7 +574,7 @@ def _box_newton(x: Tensor, c: Tensor | float, lower: float, upper: float) -> Ten
     )
     # the affine projection's shift: the root whenever every entry stays free
     t = torch.minimum(torch.maximum((x.sum(-1, keepdim=True) - c) / n, lo), hi)
-    work = torch.empty_like(x)
+    work = work[:rows]
     near = 0.25 * (upper - lower)
     moving = torch.ones_like(t, dtype=torch.bool)
     for _ in range(_VALUE_STEPS):
