@@ -53,8 +53,9 @@ With sorted entries ``s`` and prefix sums ``P`` (``P_k`` the sum of the ``k``
 smallest), ``h(t) = l K_l + u K_u + (P_{n - K_u} - P_{K_l}) - t (n - K_l - K_u)`` with
 ``K_l = #{x_i <= t + l}`` and ``K_u = #{x_i >= t + u}``, both found by binary search.
 ``h`` is evaluated at all ``2n`` breakpoints ``x_i - u`` and ``x_i - l``; the root lies
-between the last breakpoint with ``h >= c`` and the next, where the classification
-is constant; ``tau`` follows from that classification in closed form.
+between the largest breakpoint with ``h >= c`` and the smallest with ``h < c`` (a max
+and a min: the breakpoints need no sorting), where the classification is constant;
+``tau`` follows from that classification in closed form.
 
 Note [The search as an opaque operator under compile]
 Traced by dynamo, a search can only be the sort (loop counts would be baked into
@@ -321,20 +322,32 @@ def _box_sort(x: Tensor, total: Tensor | float, lower: float, upper: float) -> T
     def fixed_mass(k_lower: Tensor, k_upper: Tensor) -> Tensor:
         return lower * k_lower.to(s.dtype) + upper * k_upper.to(s.dtype)
 
-    breaks, _ = torch.sort(torch.cat([xw - upper, xw - lower], dim=-1), dim=-1)
+    breaks = torch.cat([s - upper, s - lower], dim=-1)
     k_lower, k_upper, free_sum = classify(breaks)
     free = (n - k_lower - k_upper).to(s.dtype)
     h = fixed_mass(k_lower, k_upper) + free_sum - breaks * free
-    # h is non-increasing along the breaks: the root follows the last break with h >= c
-    j = ((h >= c).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
-    left = breaks.gather(-1, j)
-    right = torch.where(j + 1 < 2 * n, breaks.gather(-1, (j + 1).clamp(max=2 * n - 1)), left + 1.0)
-    mid = 0.5 * left + 0.5 * right
+    mid = _root_piece(breaks, h >= c)
     k_lower, k_upper, free_sum = classify(mid)
     count = (n - k_lower - k_upper).to(s.dtype)
     tau = (free_sum - (c - fixed_mass(k_lower, k_upper))) / count.clamp_min(1.0)
-    # no free entry: every shift of the flat piece [left, right] gives the total
+    # no free entry: every shift of the flat piece around mid gives the total
     return torch.where(count > 0, tau, mid)
+
+
+def _root_piece(breaks: Tensor, above: Tensor) -> Tensor:
+    """A point inside the linear piece of ``h`` that holds the root, per row.
+
+    ``breaks`` are the breakpoints of ``h`` (any order) and ``above`` says where
+    ``h >= c``. ``h`` is non-increasing, so the root lies between the largest
+    breakpoint with ``h >= c`` (the smallest breakpoint if rounding left none, as when
+    ``c`` is ``h``'s largest value) and the smallest one with ``h < c`` (beyond the
+    largest breakpoint if none: ``h`` is flat there).
+    """
+    first = breaks.amin(-1, keepdim=True)
+    left = torch.where(above, breaks, first).amax(-1, keepdim=True)
+    right = torch.where(above, math.inf, breaks).amin(-1, keepdim=True)
+    right = torch.where(right < math.inf, right, left + 1.0)
+    return 0.5 * left + 0.5 * right
 
 
 def _box_sort_entries(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
@@ -344,7 +357,6 @@ def _box_sort_entries(x: Tensor, total: Tensor | float, lower: Bound, upper: Bou
     """
     xw = _finite_wide(x)
     c = _wide(total, x)
-    n = x.shape[-1]
     low = torch.as_tensor(lower, dtype=xw.dtype, device=xw.device).expand_as(xw)
     high = torch.as_tensor(upper, dtype=xw.dtype, device=xw.device).expand_as(xw)
     zero = torch.zeros_like(xw[..., :1])
@@ -371,17 +383,13 @@ def _box_sort_entries(x: Tensor, total: Tensor | float, lower: Bound, upper: Bou
         count = (first_upper - k_lower).to(xw.dtype)
         return at_upper + at_lower + free_sum - t * count, count
 
-    breaks, _ = torch.sort(torch.cat([a, b], dim=-1), dim=-1)
+    breaks = torch.cat([a, b], dim=-1)
     value, _ = h(breaks)
-    # h is non-increasing along the breaks: the root follows the last break with h >= c
-    j = ((value >= c).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
-    left = breaks.gather(-1, j)
-    right = torch.where(j + 1 < 2 * n, breaks.gather(-1, (j + 1).clamp(max=2 * n - 1)), left + 1.0)
-    mid = 0.5 * left + 0.5 * right
+    mid = _root_piece(breaks, value >= c)
     value, count = h(mid)
     # h(mid) = fixed + free_sum - mid |F| and tau solves fixed + free_sum - tau |F| = c
     tau = mid + (value - c) / count.clamp_min(1.0)
-    # no free entry: every shift of the flat piece [left, right] gives the total
+    # no free entry: every shift of the flat piece around mid gives the total
     return torch.where(count > 0, tau, mid)
 
 
