@@ -298,7 +298,8 @@ def _one_sided_sort(x: Tensor, c: Tensor | float, lower: float) -> Tensor:
     css = u.cumsum(-1) - c
     if lower != 0.0:
         css = css + (n - k) * lower
-    rho = ((u - lower) * k > css).sum(-1, keepdim=True).clamp_min(1)
+        u = u - lower
+    rho = (u * k > css).sum(-1, keepdim=True).clamp_min(1)
     return css.gather(-1, rho - 1) / rho.to(x.dtype)
 
 
