@@ -18,7 +18,10 @@ thin subclasses that change no maths: under ``torch.compile`` one without ``jvp`
 (dynamo refuses Functions that define it; compiled regions differentiate in
 reverse mode), and outside ``torch.func`` one with ``ctx`` in ``forward`` (``apply``
 then skips binding its arguments to the signature, which costs several times the
-map on a 13-entry row).
+map on a 13-entry row). Where nothing would be recorded (no input requires grad, or
+grad mode is off, and no forward-mode level is open) outside compile, tracing and
+``torch.func``, :func:`clamp_shift` calls the assembly directly: ``apply`` and its
+context would cost more than the map on small rows and record nothing.
 
 Note [Jacobian from the free set]
 On ``F`` the output is ``x - tau`` with ``tau = (sum_F x - c') / |F|`` (``c'`` the
@@ -35,14 +38,18 @@ small total is distributed among large pre-weights, then subtract exactly
 rounds at the scale of the output, not of ``x`` (pre-weights of magnitude 1e3
 projected onto a total of 0.01), and the output passes the membership check the
 library applies to values it is given back. An all ``-inf`` row is shifted to a zero
-row, whose projection (the uniform row) is its limit.
+row, whose projection (the uniform row) is its limit (on eager CPU, where such rows
+are rare enough not to be looked for first, Note [One look on eager CPU] finds them).
 
 Note [Shift in two parts]
 A ``tau`` found in float64 for float32 rows is subtracted as ``head = float32(tau)``
 and then the float32 remainder ``tau - head``: ``x - head`` is exact for entries near
 ``tau`` (Sterbenz), so each entry rounds once, at its own scale. Rounding ``tau`` to
 float32 instead would move it by up to ``ulp(tau) / 2``, which can exceed the room
-between an entry and its bound when ``x`` is large.
+between an entry and its bound when ``x`` is large. On eager CPU one operator does
+the same: ``torch.sub(x, tau, out=x)`` computes in float64 and rounds each entry
+to float32 (out-of-dtype ``out=`` has no batching rule, so the other paths keep the
+two parts).
 
 Note [Sum refinement]
 Free entries need not lie near the max (with two bounds the largest entries sit at
@@ -54,6 +61,20 @@ rounding of ``tau`` over many entries. One correction from the output itself,
 rounding of the output's entries; it moves entries by a rounding-sized amount, so
 the classification and the Jacobian of Note [Jacobian from the free set] stay as
 they are.
+
+Note [One look on eager CPU]
+On eager CPU one host read of the row sums decides what the general path does
+unconditionally. The rows are shifted by their max without looking for all ``-inf``
+rows, and the affine shift uses the plain sum without looking for overflow; the sums
+of the assembled output are then read once (``aminmax``). Every sum equal to the
+total: the output is final. A sum that is NaN or infinite (an all ``-inf`` row is a
+NaN row after its shift; a NaN entry; an overflowed sum): the general path computes
+the output again, with its masks and scaled sums. Otherwise Note [Sum refinement]
+runs, from the sums already read. When every entry was rounded once from a ``tau``
+in a wider dtype (float32 rows, float64 ``tau``), each free entry is already the
+rounded value of ``x - tau`` and the refinement could only move entries by less
+than their rounding; then sums within ``(4 + log2 n) eps |c|`` (half the membership
+check's tolerance at its smallest, ``sum|y| >= |c|``) count as equal.
 """
 
 from __future__ import annotations
@@ -65,7 +86,7 @@ import torch
 from torch import Tensor
 
 from sumto import _search
-from sumto._compat import eager, is_compiling, transforming
+from sumto._compat import eager, forward_ad_active, is_compiling, transforming
 from sumto._search import Bound
 
 __all__ = ["clamp_shift", "slice_mean"]
@@ -89,10 +110,21 @@ def clamp_shift(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) ->
         node: type[_ClampShift] = _ClampShiftCompiled
     elif transforming(x):
         node = _ClampShift
-    else:
+    elif _records(x, total, lower, upper):
         node = _ClampShiftEager
+    else:  # Note [Why an autograd.Function]: nothing to differentiate, no node
+        return _assemble(x, total, lower, upper, look=x.device.type == "cpu")
     out: Tensor = node.apply(x, total, lower, upper)  # type: ignore[no-untyped-call]
     return out
+
+
+def _records(*args: object) -> bool:
+    """Whether autograd (reverse or forward mode) would record a node on ``args``."""
+    if forward_ad_active():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 def _infinite(bound: Bound) -> bool:
@@ -150,15 +182,35 @@ def slice_mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     return torch.where(torch.isfinite(plain), plain / n, scaled)
 
 
-def _assemble(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
-    """The output, without autograd: shift, search, clamp, and Note [Sum refinement]."""
+def _assemble(
+    x: Tensor, total: Tensor | float, lower: Bound, upper: Bound, look: bool = False
+) -> Tensor:
+    """The output, without autograd: shift, search, clamp, and Note [Sum refinement].
+
+    ``look`` (eager CPU only: a host read) takes Note [One look on eager CPU].
+    """
+    n = x.shape[-1]
+    if look and x.numel() > 0:  # Note [One look on eager CPU]
+        rounded_once = False
+        if _infinite(lower) and _infinite(upper):
+            y = x + (total - x.sum(-1, keepdim=True)) / n
+        else:
+            shifted = x - x.amax(-1, keepdim=True)
+            tau = _search.threshold(shifted, total, lower, upper)
+            rounded_once = tau.dtype != x.dtype
+            # computed in tau's dtype and rounded once to x's (Note [Shift in two parts])
+            y = _clamp_(torch.sub(shifted, tau, out=shifted), lower, upper)
+        y_sum = y.sum(-1, keepdim=True)
+        excess = _worst_excess(y_sum, total, n, rounded_once)
+        if excess <= 0.0:
+            return y
+        if math.isfinite(excess):
+            return _refine(y, total, lower, upper, y_sum)
     if _infinite(lower) and _infinite(upper):  # the affine map: tau in closed form
-        return _refine(x + (total / x.shape[-1] - slice_mean(x, (-1,))), total, lower, upper)
+        return _refine(x + (total / n - slice_mean(x, (-1,))), total, lower, upper)
     top = x.amax(-1, keepdim=True)
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
-    shifted = torch.sub(x, torch.where(dead, 0.0, top))
-    if not eager(x) or bool(dead.any()):  # a full pass, for rows that rarely occur
-        shifted.masked_fill_(dead, 0.0)
+    shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
     tau = _search.threshold(shifted, total, lower, upper)
     head = tau.to(x.dtype)
     y = shifted.sub_(head)
@@ -167,14 +219,34 @@ def _assemble(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> T
     return _refine(_clamp_(y, lower, upper), total, lower, upper)
 
 
-def _refine(y: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
-    """Note [Sum refinement], in place on ``y``."""
+def _worst_excess(y_sum: Tensor, total: Tensor | float, n: int, rounded_once: bool) -> float:
+    """``max |sum(y) - total| - tol`` over rows, read on the host (NaN or inf when not finite).
+
+    Note [One look on eager CPU]: ``tol = (4 + log2 n) eps |total|`` per row where
+    each entry was rounded once from a wider ``tau`` (``rounded_once``), else 0.
+    """
+    k = (4.0 + math.log2(n)) * torch.finfo(y_sum.dtype).eps if rounded_once else 0.0
+    if isinstance(total, Tensor):
+        return float((y_sum - total).abs_().sub_(total.abs().mul_(k)).amax())
+    low, high = torch.aminmax(y_sum)
+    above, below = float(high) - total, total - float(low)
+    if math.isnan(above + below):  # max() would drop a NaN
+        return math.nan
+    return max(above, below) - k * abs(total)
+
+
+def _refine(
+    y: Tensor, total: Tensor | float, lower: Bound, upper: Bound, y_sum: Tensor | None = None
+) -> Tensor:
+    """Note [Sum refinement], in place on ``y`` (``y_sum``: its row sums, when known)."""
     free = _free(y, lower, upper)
+    if y_sum is None:
+        y_sum = y.sum(-1, keepdim=True)
     if free is None:
-        correction = (total - y.sum(-1, keepdim=True)) / y.shape[-1]
+        correction = (total - y_sum) / y.shape[-1]
         # a correction that overflows (entries near the dtype's max) is dropped, not nan
         return y.add_(correction.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
-    excess = (y.sum(-1, keepdim=True) - total) / free.sum(-1, keepdim=True).clamp_min(1.0)
+    excess = (y_sum - total) / free.sum(-1, keepdim=True).clamp_min(1.0)
     return _clamp_(y.addcmul_(free, excess, value=-1.0), lower, upper)
 
 
@@ -199,7 +271,7 @@ class _ClampShift(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:  # type: ignore[override]
         with torch.no_grad():
-            return _assemble(x, total, lower, upper)
+            return _assemble(x, total, lower, upper, look=eager(x))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -279,7 +351,7 @@ class _ClampShiftEager(_ClampShift):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, total: Tensor | float, lower: Bound, upper: Bound
     ) -> Tensor:
-        with torch.no_grad():
-            y = _assemble(x, total, lower, upper)
+        with torch.no_grad():  # clamp_shift takes this node outside transforms only
+            y = _assemble(x, total, lower, upper, look=x.device.type == "cpu")
         _ClampShift.setup_context(ctx, (x, total, lower, upper), y)
         return y
