@@ -52,8 +52,10 @@ def check_dim_spec(dim: Dim) -> tuple[int, ...]:
 
 def normalize_dims(dim: Dim, ndim: int) -> tuple[int, ...]:
     """Sorted non-negative dims; IndexError when out of range, ValueError on repeats."""
-    dims = check_dim_spec(dim)
     rank = max(ndim, 1)
+    if type(dim) is int and -rank <= dim < rank:  # the common case, without the general checks
+        return (dim % rank,)
+    dims = check_dim_spec(dim)
     out = []
     for d in dims:
         if not -rank <= d < rank:

@@ -151,10 +151,11 @@ def _apply_rows(
     *args: object,
 ) -> Tensor:
     """Cast to the compute dtype, lay out as rows, apply ``row_map``, restore."""
-    xc = x.to(_compute_dtype(x.dtype))
+    compute = _compute_dtype(x.dtype)
+    xc = x if compute == x.dtype else x.to(compute)  # a no-op to() still dispatches
     t = _total_like(total, xc, dims)
-    out = row_map(_to_rows(xc, dims), _total_rows(t, xc, dims), *args)
-    return _from_rows(out, x.shape, dims).to(x.dtype)
+    out = _from_rows(row_map(_to_rows(xc, dims), _total_rows(t, xc, dims), *args), x.shape, dims)
+    return out if compute == x.dtype else out.to(x.dtype)
 
 
 def _project_box(
@@ -414,6 +415,8 @@ def project_sum(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
     """
     dims = _validate(x, total, dim)
     compute = _compute_dtype(x.dtype)
+    if compute == x.dtype:  # a no-op to() still dispatches
+        return _project_sum(x, _total_like(total, x, dims), dims)
     xc = x.to(compute)
     return _project_sum(xc, _total_like(total, xc, dims), dims).to(x.dtype)
 
