@@ -285,6 +285,37 @@ def test_compile_fullgraph_inductor() -> None:
     compiled_values_and_grads(fn, "inductor", xs, torch.full((4, 1), fn.total, dtype=F64))
 
 
+@maps
+def test_forward_mode_dual_tensors_get_the_jvp(fn: Map) -> None:
+    # A dual tensor does not require grad: the node must still run for its tangent.
+    jac_x, _ = fn.jacobian(X)
+    dx = torch.linspace(0.3, -0.9, N, dtype=F64)
+    with torch.autograd.forward_ad.dual_level():
+        y = fn(torch.autograd.forward_ad.make_dual(X, dx))
+        primal, tangent = torch.autograd.forward_ad.unpack_dual(y)
+    close(primal, fn.reference(X))
+    assert tangent is not None
+    close(tangent, jac_x @ dx)
+
+
+@maps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_values_without_a_node_equal_those_of_the_node(fn: Map, dtype: torch.dtype) -> None:
+    # Nothing requires grad (or grad mode is off): no node is recorded, same values.
+    x = (batch_of_points(7) * 10.0).to(dtype)
+    if fn.name != "project_sum":  # an all -inf row: its limit, the uniform row
+        x[1] = -math.inf
+    recorded = fn(x.clone().requires_grad_())
+    plain = fn(x)
+    with torch.no_grad():
+        no_grad = fn(x.clone().requires_grad_())
+    assert recorded.grad_fn is not None
+    assert plain.grad_fn is None and no_grad.grad_fn is None
+    assert torch.equal(plain, recorded.detach()) and torch.equal(no_grad, plain)
+    if fn.name != "project_sum":
+        torch.testing.assert_close(plain[1], torch.full((N,), fn.total / N, dtype=dtype))
+
+
 # ---------------------------------------------------------------------------
 # constraint classes, through functional_call on a registered module
 # ---------------------------------------------------------------------------
