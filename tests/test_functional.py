@@ -29,7 +29,7 @@ from reference import (
     tolerance,
     total_rows,
 )
-from sumto import AffineSum, BoxSum, Simplex
+from sumto import AffineSum, BoxSum, Simplex, _autograd
 from sumto.functional import project_box_sum, project_simplex, project_sum, sum_violation
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -713,6 +713,24 @@ def test_sparsemax_is_the_identity_on_the_simplex(total: float, dtype: torch.dty
             # a vertex whose sum is exact in the dtype stays a vertex (else its
             # projection spreads the rounding of the total, as it should)
             assert torch.equal(y[0], v[0])
+
+
+@pytest.mark.parametrize(("lower", "upper"), [(-0.5, 1.0), (0.0, math.inf), (-math.inf, math.inf)])
+def test_the_sum_refinement_in_row_blocks_equals_the_whole_one(
+    lower: float, upper: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many rows (several blocks), a total per row, and a non-contiguous layout (one block).
+    x = _randn(11, 300, 1200) * 3.0
+    total = torch.linspace(0.5, 2.0, 300).reshape(300, 1)
+    views = [x, x.T.contiguous().T]
+    blocked = [project_box_sum(v, total, lower=lower, upper=upper) for v in views]
+    monkeypatch.setattr(_autograd, "_BLOCK", 1 << 40)
+    whole = [project_box_sum(v, total, lower=lower, upper=upper) for v in views]
+    for b, w in zip(blocked, whole, strict=True):
+        assert torch.equal(b, w)
+        assert_sums(b, total, (-1,), source=x)
+    expected = ref_project_box_sum(x.double(), total.double(), (-1,), lower, upper)
+    assert float((blocked[0].double() - expected).abs().max()) <= 1e-5
 
 
 def test_an_all_negative_infinite_row_projects_to_the_uniform_row() -> None:

@@ -70,7 +70,9 @@ of the assembled output are then read once (``aminmax``). Every sum equal to the
 total: the output is final. A sum that is NaN or infinite (an all ``-inf`` row is a
 NaN row after its shift; a NaN entry; an overflowed sum): the general path computes
 the output again, with its masks and scaled sums. Otherwise Note [Sum refinement]
-runs, from the sums already read. When every entry was rounded once from a ``tau``
+runs, from the sums already read, in blocks of rows (its free-set indicator, a
+block-sized temporary reused from block to block, instead of a full-size one whose
+fresh pages are faulted in on every call). When every entry was rounded once from a ``tau``
 in a wider dtype (float32 rows, float64 ``tau``), each free entry is already the
 rounded value of ``x - tau`` and the refinement could only move entries by less
 than their rounding; then sums within ``(4 + log2 n) eps |c|`` (half the membership
@@ -90,6 +92,9 @@ from sumto._compat import eager, forward_ad_active, is_compiling, transforming
 from sumto._search import Bound
 
 __all__ = ["clamp_shift", "slice_mean"]
+
+# Entries per block of the sum refinement on eager CPU (:func:`_refine_in_blocks`).
+_BLOCK = 1 << 16
 
 
 def clamp_shift(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
@@ -205,7 +210,7 @@ def _assemble(
         if excess <= 0.0:
             return y
         if math.isfinite(excess):
-            return _refine(y, total, lower, upper, y_sum)
+            return _refine_in_blocks(y, total, lower, upper, y_sum)
     if _infinite(lower) and _infinite(upper):  # the affine map: tau in closed form
         return _refine(x + (total / n - slice_mean(x, (-1,))), total, lower, upper)
     top = x.amax(-1, keepdim=True)
@@ -250,6 +255,28 @@ def _refine(
     return _clamp_(y.addcmul_(free, excess, value=-1.0), lower, upper)
 
 
+def _refine_in_blocks(
+    y: Tensor, total: Tensor | float, lower: Bound, upper: Bound, y_sum: Tensor
+) -> Tensor:
+    """:func:`_refine` of contiguous rows in blocks of about ``_BLOCK`` entries (eager only).
+
+    The free-set indicator is then a block-sized temporary, reused from block to block,
+    instead of a fresh full-size allocation whose pages are faulted in on every call.
+    """
+    n = y.shape[-1]
+    per_block = max(1, _BLOCK // n)
+    rows = y.numel() // n
+    if rows <= per_block or not y.is_contiguous() or isinstance(lower, Tensor):
+        return _refine(y, total, lower, upper, y_sum)
+    matrix, sums = y.view(rows, n), y_sum.reshape(rows, 1)
+    totals = total.expand(y_sum.shape).reshape(rows, 1) if isinstance(total, Tensor) else None
+    for start in range(0, rows, per_block):
+        block = slice(start, start + per_block)
+        c = totals[block] if totals is not None else total
+        _refine(matrix[block], c, lower, upper, sums[block])
+    return y
+
+
 def _free_mean(
     t: Tensor, free: Tensor | None, moved: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -264,7 +291,11 @@ def _free_mean(
 
 def _remove_mean(kept: Tensor, free: Tensor | None, mean: Tensor) -> Tensor:
     """``1_F * (t - mean)`` from ``kept = 1_F * t``."""
-    return kept - (mean if free is None else free * mean)
+    if free is None:
+        return kept - mean
+    # one operator: no full-size temporary for free * mean (not in place: under vmap,
+    # mean can be batched where kept is not)
+    return torch.addcmul(kept, free, mean, value=-1.0)
 
 
 class _ClampShift(torch.autograd.Function):
