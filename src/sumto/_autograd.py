@@ -266,7 +266,8 @@ def _refine_in_blocks(
     n = y.shape[-1]
     per_block = max(1, _BLOCK // n)
     rows = y.numel() // n
-    if rows <= per_block or not y.is_contiguous() or isinstance(lower, Tensor):
+    affine = _infinite(lower) and _infinite(upper)  # no indicator: one in-place pass
+    if affine or rows <= per_block or not y.is_contiguous() or isinstance(lower, Tensor):
         return _refine(y, total, lower, upper, y_sum)
     matrix, sums = y.view(rows, n), y_sum.reshape(rows, 1)
     totals = total.expand(y_sum.shape).reshape(rows, 1) if isinstance(total, Tensor) else None
