@@ -232,7 +232,8 @@ def _worst_excess(y_sum: Tensor, total: Tensor | float, n: int, rounded_once: bo
     """
     k = (4.0 + math.log2(n)) * torch.finfo(y_sum.dtype).eps if rounded_once else 0.0
     if isinstance(total, Tensor):
-        return float((y_sum - total).abs_().sub_(total.abs().mul_(k)).amax())
+        excess = (y_sum - total).abs_()
+        return float((excess.sub_(total.abs().mul_(k)) if k > 0.0 else excess).amax())
     low, high = torch.aminmax(y_sum)
     above, below = float(high) - total, total - float(low)
     if math.isnan(above + below):  # max() would drop a NaN
