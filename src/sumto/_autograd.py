@@ -94,7 +94,7 @@ from sumto._search import Bound
 __all__ = ["clamp_shift", "slice_mean"]
 
 # Entries per block of the sum refinement on eager CPU (:func:`_refine_in_blocks`).
-_BLOCK = 1 << 16
+_BLOCK = 1 << 18
 
 
 def clamp_shift(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
@@ -297,7 +297,7 @@ def _remove_mean(kept: Tensor, free: Tensor | None, mean: Tensor) -> Tensor:
         return kept - mean
     # one operator: no full-size temporary for free * mean (not in place: under vmap,
     # mean can be batched where kept is not)
-    return torch.addcmul(kept, free, mean, value=-1.0)
+    return kept - free * mean
 
 
 class _ClampShift(torch.autograd.Function):
