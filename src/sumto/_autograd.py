@@ -70,13 +70,15 @@ of the assembled output are then read once (``aminmax``). Every sum equal to the
 total: the output is final. A sum that is NaN or infinite (an all ``-inf`` row is a
 NaN row after its shift; a NaN entry; an overflowed sum): the general path computes
 the output again, with its masks and scaled sums. Otherwise Note [Sum refinement]
-runs, from the sums already read, in blocks of rows (its free-set indicator, a
-block-sized temporary reused from block to block, instead of a full-size one whose
-fresh pages are faulted in on every call). When every entry was rounded once from a ``tau``
+runs, from the sums already read, in blocks of rows: its free-set indicator is then a
+block-sized temporary reused from block to block, not a full-size one whose fresh
+pages are faulted in on every call. When every entry was rounded once from a ``tau``
 in a wider dtype (float32 rows, float64 ``tau``), each free entry is already the
 rounded value of ``x - tau`` and the refinement could only move entries by less
 than their rounding; then sums within ``(4 + log2 n) eps |c|`` (half the membership
-check's tolerance at its smallest, ``sum|y| >= |c|``) count as equal.
+check's tolerance at its smallest, ``sum|y| >= |c|``) count as equal. Elsewhere
+(float32 ``tau`` of the Newton searches, float64 rows, the affine map) the
+refinement also restores entries to their own rounding, so only exact sums skip it.
 """
 
 from __future__ import annotations
@@ -293,11 +295,7 @@ def _free_mean(
 
 def _remove_mean(kept: Tensor, free: Tensor | None, mean: Tensor) -> Tensor:
     """``1_F * (t - mean)`` from ``kept = 1_F * t``."""
-    if free is None:
-        return kept - mean
-    # one operator: no full-size temporary for free * mean (not in place: under vmap,
-    # mean can be batched where kept is not)
-    return kept - free * mean
+    return kept - (mean if free is None else free * mean)
 
 
 class _ClampShift(torch.autograd.Function):
