@@ -733,6 +733,20 @@ def test_the_sum_refinement_in_row_blocks_equals_the_whole_one(
     assert float((blocked[0].double() - expected).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize(("lower", "upper"), [(-0.5, 1.0), (0.0, math.inf), (-math.inf, math.inf)])
+def test_a_nan_row_stays_nan_and_the_other_rows_are_projected(lower: float, upper: float) -> None:
+    # The look at the sums sees the NaN and computes again: NaN is never hidden.
+    x = _randn(12, 6, 40)
+    x[2, 5] = math.nan
+    y = project_box_sum(x, 1.0, lower=lower, upper=upper)
+    assert bool(y[2].isnan().any())
+    rest = torch.cat([x[:2], x[3:]])
+    expected = ref_project_box_sum(rest.double(), 1.0, (-1,), lower, upper)
+    got = torch.cat([y[:2], y[3:]])
+    assert float((got.double() - expected).abs().max()) <= 1e-6
+    assert_sums(got, 1.0, (-1,), source=rest)
+
+
 def test_an_all_negative_infinite_row_projects_to_the_uniform_row() -> None:
     x = torch.full((2, 4), -math.inf)
     x[1] = _randn(4, 4)
