@@ -46,10 +46,9 @@ A ``tau`` found in float64 for float32 rows is subtracted as ``head = float32(ta
 and then the float32 remainder ``tau - head``: ``x - head`` is exact for entries near
 ``tau`` (Sterbenz), so each entry rounds once, at its own scale. Rounding ``tau`` to
 float32 instead would move it by up to ``ulp(tau) / 2``, which can exceed the room
-between an entry and its bound when ``x`` is large. On eager CPU one operator does
-the same: ``torch.sub(x, tau, out=x)`` computes in float64 and rounds each entry
-to float32 (out-of-dtype ``out=`` has no batching rule, so the other paths keep the
-two parts).
+between an entry and its bound when ``x`` is large. (``torch.sub(x, tau, out=x)``
+would round once too, but its mixed-dtype loop runs many times slower than the two
+same-dtype passes on large inputs, and it has no batching rule.)
 
 Note [Sum refinement]
 Free entries need not lie near the max (with two bounds the largest entries sit at
@@ -72,10 +71,10 @@ NaN row after its shift; a NaN entry; an overflowed sum): the general path compu
 the output again, with its masks and scaled sums. Otherwise Note [Sum refinement]
 runs, from the sums already read, in blocks of rows: its free-set indicator is then a
 block-sized temporary reused from block to block, not a full-size one whose fresh
-pages are faulted in on every call. When every entry was rounded once from a ``tau``
-in a wider dtype (float32 rows, float64 ``tau``), each free entry is already the
-rounded value of ``x - tau`` and the refinement could only move entries by less
-than their rounding; then sums within ``(4 + log2 n) eps |c|`` (half the membership
+pages are faulted in on every call. When every entry was computed from a ``tau``
+in a wider dtype (float32 rows, float64 ``tau``, Note [Shift in two parts]), each free
+entry is already ``x - tau`` to its own rounding and the refinement could only move
+entries by about their rounding; then sums within ``(4 + log2 n) eps |c|`` (half the membership
 check's tolerance at its smallest, ``sum|y| >= |c|``) count as equal. Elsewhere
 (float32 ``tau`` of the Newton searches, float64 rows, the affine map) the
 refinement also restores entries to their own rounding, so only exact sums skip it.
@@ -205,8 +204,7 @@ def _assemble(
             shifted = x - x.amax(-1, keepdim=True)
             tau = _search.threshold(shifted, total, lower, upper)
             rounded_once = tau.dtype != x.dtype
-            # computed in tau's dtype and rounded once to x's (Note [Shift in two parts])
-            y = _clamp_(torch.sub(shifted, tau, out=shifted), lower, upper)
+            y = _clamp_(_shift_(shifted, tau), lower, upper)
         y_sum = y.sum(-1, keepdim=True)
         excess = _worst_excess(y_sum, total, n, rounded_once)
         if excess <= 0.0:
@@ -219,18 +217,24 @@ def _assemble(
     dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
     shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
     tau = _search.threshold(shifted, total, lower, upper)
-    head = tau.to(x.dtype)
-    y = shifted.sub_(head)
-    if tau.dtype != x.dtype:  # Note [Shift in two parts]
-        y.sub_((tau - head).to(x.dtype))
+    y = _shift_(shifted, tau)
     return _refine(_clamp_(y, lower, upper), total, lower, upper)
+
+
+def _shift_(shifted: Tensor, tau: Tensor) -> Tensor:
+    """``shifted - tau`` in place, in ``shifted``'s dtype (Note [Shift in two parts])."""
+    head = tau.to(shifted.dtype)
+    y = shifted.sub_(head)
+    if tau.dtype != shifted.dtype:
+        y.sub_((tau - head).to(shifted.dtype))
+    return y
 
 
 def _worst_excess(y_sum: Tensor, total: Tensor | float, n: int, rounded_once: bool) -> float:
     """``max |sum(y) - total| - tol`` over rows, read on the host (NaN or inf when not finite).
 
     Note [One look on eager CPU]: ``tol = (4 + log2 n) eps |total|`` per row where
-    each entry was rounded once from a wider ``tau`` (``rounded_once``), else 0.
+    each entry was computed from a wider ``tau`` (``rounded_once``), else 0.
     """
     k = (4.0 + math.log2(n)) * torch.finfo(y_sum.dtype).eps if rounded_once else 0.0
     if isinstance(total, Tensor):
