@@ -7,7 +7,9 @@ A training step is: gradients cleared (``grad = None``), forward, and
 ``backward(grad)`` with a fixed upstream gradient; no optimizer step. Each layer runs
 unconstrained, with its weight constrained by the register helpers, and with the
 floor of any map, ``w * 1.0`` registered with ``parametrize`` (a new weight forward,
-a new gradient backward, nothing else), side by side in one process:
+a new gradient backward, nothing else), and with the affine map and the softmax
+written as plain torch lines under ``parametrize`` (what the maps cost without
+sumto's checks and exactness passes), side by side in one process:
 
 * ``Conv2d(64, 64, 3, padding=1)`` on a (32, 64, 32, 32) batch;
 * ``Linear(1024, 1024)`` on a batch of 64;
@@ -69,10 +71,35 @@ def _floor(module: nn.Module, name: str) -> nn.Module:
     return module
 
 
+class _PlainAffine(nn.Module):
+    """The affine map as one line of torch, one sum per output unit: no exactness pass."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = tuple(range(1, x.ndim))
+        return x - x.mean(dims, keepdim=True) + 1.0 / x[0].numel()
+
+
+class _PlainSoftmax(nn.Module):
+    """``torch.softmax`` over each output unit's weights: the map without sumto."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(x.flatten(1), -1).view_as(x)
+
+
+def _plain(map_: type[nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
+    def register(module: nn.Module, name: str) -> nn.Module:
+        parametrize.register_parametrization(module, name, map_())
+        return module
+
+    return register
+
+
 CONSTRAINTS: dict[str, Callable[[nn.Module, str], nn.Module]] = {
     "unconstrained": lambda m, name: m,
     "floor: w * 1.0 (parametrize)": _floor,
+    "plain affine formula (parametrize)": _plain(_PlainAffine),
     "sum_to": lambda m, name: sumto.sum_to(m, name),
+    "plain torch.softmax (parametrize)": _plain(_PlainSoftmax),
     "simplex (softmax)": lambda m, name: sumto.simplex(m, name),
     "simplex (sparsemax)": lambda m, name: sumto.simplex(m, name, method="sparsemax"),
     "box_sum [-0.5, 1]": lambda m, name: sumto.box_sum(m, name, lower=-0.5, upper=1.0),

@@ -697,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             (
                 "paths",
                 f"Path choice: forced searches and the automatic choice (Newton on eager CPU "
-                f"from {_search._LARGE:,} entries)",
+                f"from {_search._LARGE:,} entries, boxes from {_search._LARGE_BOX:,})",
                 lambda: run_paths(paths, args.rounds, args.min_run_time),
             ),
             (

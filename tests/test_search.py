@@ -430,6 +430,9 @@ def test_forced_restores_the_automatic_choice() -> None:
     assert _search._use_newton(torch.zeros(1, _search._LARGE))
     assert _search._use_newton(torch.zeros(_search._LARGE // 4, 4))
     assert not _search._use_newton(torch.zeros(1, _search._LARGE - 1))
+    box = _search._LARGE_BOX
+    assert _search._use_newton(torch.zeros(1, box), box)
+    assert not _search._use_newton(torch.zeros(1, box - 1), box)
 
 
 def test_newton_never_runs_under_transforms_compile_or_tracing() -> None:

@@ -27,8 +27,9 @@ search as an opaque operator under compile]), so compiled programs choose betwee
 the searches at run time as eager code does. They run
 in float64 (float32 on MPS): their prefix sums of long float32 rows would lose the
 classification in narrow boxes. The Newton searches run on CPU in plain eager mode
-on inputs of at least ``_LARGE`` entries, where sorting costs many times more
-(``make bench`` prints the ratio per shape). :func:`forced` selects a search for
+on inputs of at least ``_LARGE`` entries (``_LARGE_BOX`` for two-sided boxes, whose
+sort-based search does more per entry), where sorting costs more (``make bench``
+prints the ratio per shape). :func:`forced` selects a search for
 tests and benchmarks.
 
 Note [Simplex threshold by Newton's method]
@@ -132,6 +133,7 @@ Bound = float | Tensor
 # Inputs of at least this many entries take the Newton searches on eager CPU: below
 # it the sort (few operations) is fastest, above it the sort's O(n log n) work is.
 _LARGE = 1 << 15
+_LARGE_BOX = 1 << 14
 # Stripe count of the coarse simplex problem; rows shorter than _MIN_PRUNE are not pruned.
 _GROUP = 16
 _MIN_PRUNE = 256
@@ -247,15 +249,15 @@ def box(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
         x = x.detach()
         if isinstance(lower, Tensor) or isinstance(upper, Tensor):
             return _box_sort_entries(x, total, lower, upper)
-        if _use_newton(x):
+        if _use_newton(x, _LARGE_BOX):
             return _box_newton_rows(x, total, lower, upper)
         return _box_sort(x, total, lower, upper)
 
 
-def _use_newton(x: Tensor) -> bool:
+def _use_newton(x: Tensor, large: int = _LARGE) -> bool:
     if _forced is not None:
         return _forced == "newton" and eager(x)
-    return x.numel() >= _LARGE and eager(x)
+    return x.numel() >= large and eager(x)
 
 
 def _one_sided_polish(x: Tensor, total: Tensor | float, lower: float, tau: Tensor) -> Tensor:
