@@ -228,7 +228,8 @@ def one_sided(x: Tensor, total: Tensor | float, lower: float) -> Tensor:
             if lower == 0.0:
                 return tau  # Newton's last step already solves the classification
             return _one_sided_polish(x, total, lower, tau - lower)
-        return _one_sided_sort(_finite_wide(x), _wide(total, x), lower)
+        # -inf entries sort last and only ever meet other -inf entries: no clamp needed
+        return _one_sided_sort(x.to(wide_dtype(x.device)), _wide(total, x), lower)
 
 
 def box(x: Tensor, total: Tensor | float, lower: Bound, upper: Bound) -> Tensor:
