@@ -16,7 +16,9 @@ It runs, in one process and in this order:
 * ``bench_weighted_sum.py``, when present: its ``main(argv)``, output captured to
   ``weighted_sum.md``;
 * ``bench_transport.py``: the exact doubly stochastic projection against Sinkhorn
-  and a Dykstra loop (``transport.md``).
+  and a Dykstra loop (``transport.md``);
+* ``profile_floors.py``: the simplex projection stage by stage on long rows, and the
+  operators small inputs call (``floors.md``).
 
 ``summary.md`` collects every table with the command and the machine.
 """
@@ -95,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     transport = importlib.import_module("bench_transport")
     transport.main(common)
 
+    print()
+    floors = importlib.import_module("profile_floors")
+    floors.main(common)
+
     command = " ".join(["python benchmarks/run.py", *map(shlex.quote, argv or sys.argv[1:])])
     sections = [
         "# sumto benchmarks",
@@ -109,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if weighted_sum is not None:
         sections.append("## WeightedSum\n\n```\n" + weighted_sum.strip() + "\n```")
     sections.append("## Doubly stochastic maps\n\n" + _read(args.out, "transport.md"))
+    sections.append("## Floors: where the time goes\n\n" + _read(args.out, "floors.md"))
     projections.write(args.out, "summary.md", "\n\n".join(sections))
     print(f"\nwrote {args.out}/summary.md")
 
