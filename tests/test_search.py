@@ -328,6 +328,26 @@ def test_box_newton_is_exact_whatever_its_value_steps_left(
     check_box_case(name, torch.float32, "newton", one_sided=False)
 
 
+@pytest.mark.parametrize("name", ["tight-box-[0,10/n]", "per-row-totals"])
+def test_box_rows_past_the_newton_step_limit_finish_by_sorting(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two Newton steps after no value step leave rows unfinished: they are sorted,
+    # with their own totals, and the result is still the exact projection.
+    monkeypatch.setattr(_search, "_VALUE_STEPS", 0)
+    monkeypatch.setattr(_search, "_MAX_STEPS", 2)
+    sorted_rows: list[int] = []
+    box_sort = _search._box_sort
+
+    def spy(x: Tensor, *args: object) -> Tensor:
+        sorted_rows.append(x.shape[0])
+        return box_sort(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_search, "_box_sort", spy)
+    check_box_case(name, torch.float32, "newton", one_sided=False)
+    assert sorted_rows and max(sorted_rows) > 0
+
+
 @pytest.mark.parametrize("block_bytes", [1, 3 * 4 * N + 4])
 def test_box_newton_row_blocks_keep_each_row_with_its_own_total(
     block_bytes: int, monkeypatch: pytest.MonkeyPatch
