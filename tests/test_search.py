@@ -243,6 +243,22 @@ def test_simplex_search_matches_the_sort_reference(
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SIMPLEX_CASES))
+def test_pruned_newton_matches_the_sort_reference(
+    name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test inputs are below the size from which the search prunes: prune them all.
+    monkeypatch.setattr(_search, "_PRUNE_ENTRIES", 0)
+    x, total = SIMPLEX_CASES[name](dtype)
+    expected = simplex_reference(name, dtype)
+    with _search.forced("newton"):
+        check_tau(x, total, 0.0, math.inf, expected)
+        y = project_simplex(x, total)
+    assert_projection_close(y, expected, scale_of(x, total), what=name)
+    assert_sums(y, total, (-1,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SIMPLEX_CASES))
 def test_newton_and_sort_agree_on_the_simplex(name: str, dtype: torch.dtype) -> None:
     x, total = SIMPLEX_CASES[name](dtype)
     taus, outs = [], []

@@ -41,8 +41,10 @@ convex function lies below it), so Newton from a lower bound (Michelot's algorit
 climbs monotonically and stops at the root as soon as the support ``{x_i > t}`` no
 longer changes: at most ``n`` steps, a handful in practice. Each step is cheap on
 CPU: counts are sums of ``sign(max(x - t, 0))`` in the row's float dtype (boolean
-reductions are slow on CPU), and all full-size work reuses one buffer. Long rows are
-pruned first: split each row into ``_GROUP`` interleaved stripes and take the
+reductions are slow on CPU), and all full-size work reuses one buffer. Large inputs
+with long rows (from ``_PRUNE_ENTRIES`` entries; below, the pruning's own operators
+cost more than the passes it saves) are pruned first: split each row into ``_GROUP``
+interleaved stripes and take the
 elementwise max over stripes, ``m_j = max_s x[s * k + j]``. Every group contributes
 at least ``max(m_j - t, 0)`` to ``f(t) + c``, so the root of the coarse problem on
 ``m`` (solved recursively) is a lower bound of ``tau``; groups whose max is below it
@@ -134,9 +136,11 @@ Bound = float | Tensor
 # it the sort (few operations) is fastest, above it the sort's O(n log n) work is.
 _LARGE = 1 << 15
 _LARGE_BOX = 1 << 14
-# Stripe count of the coarse simplex problem; rows shorter than _MIN_PRUNE are not pruned.
+# Stripe count of the coarse simplex problem; rows shorter than _MIN_PRUNE, and inputs
+# of fewer than _PRUNE_ENTRIES entries, are not pruned.
 _GROUP = 16
 _MIN_PRUNE = 256
+_PRUNE_ENTRIES = 1 << 19
 # Rows still running after this many Newton steps (adversarial inputs) finish by sorting.
 _MAX_STEPS = 64
 # Value-only steps of the box search before its Newton steps (Note [Box threshold by Newton's method]).
@@ -424,7 +428,7 @@ def _simplex_lower_bound(x: Tensor, c: Tensor | float) -> Tensor:
 
 def _simplex_pruned(x: Tensor, c: Tensor | float) -> Tensor:
     rows, n = x.shape
-    if rows == 0 or n < _MIN_PRUNE:
+    if rows == 0 or n < _MIN_PRUNE or x.numel() < _PRUNE_ENTRIES:
         lo = _simplex_lower_bound(x, c) if rows > 0 else x.new_empty(0, 1)
         return _simplex_newton(x, c, lo)
     k = n // _GROUP
