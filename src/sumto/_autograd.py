@@ -196,29 +196,42 @@ def _assemble(
     ``look`` (eager CPU only: a host read) takes Note [One look on eager CPU].
     """
     n = x.shape[-1]
+    affine = _infinite(lower) and _infinite(upper)  # tau in closed form
     if look and x.numel() > 0:  # Note [One look on eager CPU]
         rounded_once = False
-        if _infinite(lower) and _infinite(upper):
+        if affine:
             y = x + (total - x.sum(-1, keepdim=True)) / n
         else:
-            shifted = x - x.amax(-1, keepdim=True)
-            tau = _search.threshold(shifted, total, lower, upper)
-            rounded_once = tau.dtype != x.dtype
-            y = _clamp_(_shift_(shifted, tau), lower, upper)
+            y, rounded_once = _clamp_shifted(x, total, lower, upper, guarded=False)
         y_sum = y.sum(-1, keepdim=True)
         excess = _worst_excess(y_sum, total, n, rounded_once)
         if excess <= 0.0:
             return y
         if math.isfinite(excess):
             return _refine_in_blocks(y, total, lower, upper, y_sum)
-    if _infinite(lower) and _infinite(upper):  # the affine map: tau in closed form
+    if affine:
         return _refine(x + (total / n - slice_mean(x, (-1,))), total, lower, upper)
+    y, _ = _clamp_shifted(x, total, lower, upper, guarded=True)
+    return _refine(y, total, lower, upper)
+
+
+def _clamp_shifted(
+    x: Tensor, total: Tensor | float, lower: Bound, upper: Bound, guarded: bool
+) -> tuple[Tensor, bool]:
+    """``(clamp(x - tau, lower, upper), tau came in a wider dtype)``, before refinement.
+
+    Rows are shifted by their max (Note [Rows shifted by their max]). ``guarded``
+    first sends all ``-inf`` rows to zero rows; unguarded, they come out NaN, which
+    Note [One look on eager CPU] sees in the sums.
+    """
     top = x.amax(-1, keepdim=True)
-    dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
-    shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
+    if guarded:
+        dead = top == -math.inf  # all -inf: the limit is the uniform row, that of a zero row
+        shifted = torch.sub(x, torch.where(dead, 0.0, top)).masked_fill_(dead, 0.0)
+    else:
+        shifted = x - top
     tau = _search.threshold(shifted, total, lower, upper)
-    y = _shift_(shifted, tau)
-    return _refine(_clamp_(y, lower, upper), total, lower, upper)
+    return _clamp_(_shift_(shifted, tau), lower, upper), tau.dtype != x.dtype
 
 
 def _shift_(shifted: Tensor, tau: Tensor) -> Tensor:

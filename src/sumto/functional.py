@@ -151,11 +151,15 @@ def _apply_rows(
     *args: object,
 ) -> Tensor:
     """Cast to the compute dtype, lay out as rows, apply ``row_map``, restore."""
-    compute = _compute_dtype(x.dtype)
-    xc = x if compute == x.dtype else x.to(compute)  # a no-op to() still dispatches
+    xc = _as_dtype(x, _compute_dtype(x.dtype))
     t = _total_like(total, xc, dims)
-    out = _from_rows(row_map(_to_rows(xc, dims), _total_rows(t, xc, dims), *args), x.shape, dims)
-    return out if compute == x.dtype else out.to(x.dtype)
+    out = row_map(_to_rows(xc, dims), _total_rows(t, xc, dims), *args)
+    return _as_dtype(_from_rows(out, x.shape, dims), x.dtype)
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without the dispatch that even a no-op ``to()`` costs."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _project_box(
@@ -414,11 +418,8 @@ def project_sum(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
         tensor([1., 1.])
     """
     dims = _validate(x, total, dim)
-    compute = _compute_dtype(x.dtype)
-    if compute == x.dtype:  # a no-op to() still dispatches
-        return _project_sum(x, _total_like(total, x, dims), dims)
-    xc = x.to(compute)
-    return _project_sum(xc, _total_like(total, xc, dims), dims).to(x.dtype)
+    xc = _as_dtype(x, _compute_dtype(x.dtype))
+    return _as_dtype(_project_sum(xc, _total_like(total, xc, dims), dims), x.dtype)
 
 
 def project_simplex(x: Tensor, total: Total = 1.0, dim: Dim = -1) -> Tensor:
